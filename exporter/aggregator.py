@@ -1,0 +1,382 @@
+"""The one mutable in-memory state: record(event) in O(1), read-only snapshots for every view.
+
+Per label set (provider, model, tier, project, agent) it keeps cumulative sums and a latency
+histogram; per second, a bucket of sums per tier (see windows.py); a bounded deque of recent
+events; and counters of the non-call events. Views (REST, Prometheus, OTLP) are computed from this
+state when they are read, never on the per-event path.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Final, Literal
+
+import msgspec
+
+from exporter.events import (
+    ApiCall,
+    CacheHit,
+    CacheMiss,
+    ErrorEvent,
+    Event,
+    ModelOverride,
+    SystemEvent,
+)
+from exporter.pricing import PricingTable, nanos_to_usd, usd_to_nanos
+from exporter.sketch import LatencySketch, sketch_key
+from exporter.windows import (
+    CACHE_CREATION,
+    CACHE_READ,
+    CALLS,
+    COST,
+    ERRORS,
+    LATENCY_COUNT,
+    LATENCY_SUM,
+    ROW_FIELDS,
+    SAVINGS,
+    TOKENS_IN,
+    TOKENS_OUT,
+    WINDOWS,
+    WindowRing,
+    add_row,
+)
+
+__all__ = [
+    "HISTOGRAM_BOUNDS_S",
+    "Aggregator",
+    "CallRow",
+    "Dimension",
+    "SeriesKey",
+    "WindowSnapshot",
+    "counter_updates",
+]
+
+#: OTel GenAI latency buckets, seconds (upper bounds; +Inf is implied).
+HISTOGRAM_BOUNDS_S: Final = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+)  # fmt: skip
+_BOUNDS_US: Final = tuple(round(b * 1_000_000) for b in HISTOGRAM_BOUNDS_S)
+#: Cumulative rows: the window row layout followed by one count per histogram bucket (+Inf last).
+HIST_OFFSET: Final = ROW_FIELDS
+TOTAL_FIELDS: Final = ROW_FIELDS + len(HISTOGRAM_BOUNDS_S) + 1
+
+#: (provider, model, tier, project, agent); agent is "" when the event has none.
+SeriesKey = tuple[str, str, str, str, str]
+Dimension = Literal["provider", "model", "tier", "project", "agent"]
+_DIMENSION_INDEX: Final = {"provider": 0, "model": 1, "tier": 2, "project": 3, "agent": 4}
+
+#: The api_calls row, in the column order of the store's INSERT: timestamp, series_id,
+#: session_id, input, output, cache_creation, cache_creation_1h, cache_read, latency_us,
+#: cost_nanos, savings_nanos, status (0 ok / 1 error), error_type.
+CallRow = tuple[
+    int, int, str | None, int, int, int, int, int, int | None, int, int, int, str | None
+]
+
+
+class WindowSnapshot(msgspec.Struct, frozen=True):
+    """Sums over one window, overall and per tier, with latency quantiles (ms)."""
+
+    window: str
+    seconds: int
+    total: list[int]
+    by_tier: dict[str, list[int]]
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+
+    @property
+    def calls(self) -> int:
+        return self.total[CALLS]
+
+    @property
+    def cost_usd(self) -> float:
+        return nanos_to_usd(self.total[COST])
+
+    @property
+    def avg_latency_ms(self) -> float | None:
+        n = self.total[LATENCY_COUNT]
+        return self.total[LATENCY_SUM] / n / 1000.0 if n else None
+
+    @property
+    def calls_per_minute(self) -> float:
+        return self.total[CALLS] * 60.0 / self.seconds
+
+    @property
+    def cost_per_minute_usd(self) -> float:
+        return nanos_to_usd(self.total[COST]) * 60.0 / self.seconds
+
+
+class Aggregator:
+    """Cumulative totals, time windows and recent events, fed by `record_call`/`record_other`."""
+
+    def __init__(
+        self,
+        pricing: PricingTable,
+        *,
+        clock: Callable[[], float] = time.time,
+        recent_size: int = 1000,
+    ) -> None:
+        self.pricing = pricing
+        self.clock = clock
+        self.ring = WindowRing(int(clock()))
+        #: Label set <-> series id; the ids are the store's `series.id`.
+        self.series_ids: dict[SeriesKey, int] = {}
+        self.series_keys: dict[int, SeriesKey] = {}
+        #: Series created since the store last persisted them (the store drains this list).
+        self.new_series: list[int] = []
+        self.totals: dict[int, list[int]] = {}
+        #: Non-call event counts: (name, label values) -> count; see `record_other`.
+        self.counters: dict[tuple[str, tuple[str, ...]], int] = {}
+        self.recent: deque[Event] = deque(maxlen=recent_size)
+        self.unpriced = 0
+        self.duplicates = 0
+        self.started_at = clock()
+
+    # -- the per-event path -------------------------------------------------------------------
+
+    def record_call(self, event: ApiCall, ts_ms: int) -> CallRow:
+        """Count one API call; fills in its timestamp, provider, tier and cost; returns its row."""
+        model = event.model
+        pricing = self.pricing
+        provider, tier = event.provider, event.tier
+        if provider is None or tier is None:
+            inferred_provider, inferred_tier, _ = pricing.classify(model)
+            provider = event.provider = provider or inferred_provider
+            tier = event.tier = tier or inferred_tier
+        tokens_in, tokens_out = event.input_tokens, event.output_tokens
+        cache_creation, cache_read = event.cache_creation_tokens, event.cache_read_tokens
+        if event.cost_usd is None:
+            cost = pricing.cost_nanos(
+                model,
+                tokens_in,
+                tokens_out,
+                cache_creation,
+                cache_read,
+                event.cache_creation_1h_tokens,
+            )
+            if cost is None:
+                cost = 0
+                self.unpriced += 1
+            event.cost_usd = cost / 1e9
+        else:
+            cost = usd_to_nanos(event.cost_usd)
+        savings = pricing.savings_nanos(model, cache_read) if cache_read else 0
+        latency = event.latency_ms
+        latency_us = None if latency is None else round(latency * 1000)
+        error = 1 if event.status == "error" else 0
+        event.timestamp = ts_ms
+
+        key = (provider, model, tier, event.project, event.agent or "")
+        series_id = self.series_ids.get(key)
+        if series_id is None:
+            series_id = self._new_series(key)
+        row = (
+            ts_ms,
+            series_id,
+            event.session_id,
+            tokens_in,
+            tokens_out,
+            cache_creation,
+            event.cache_creation_1h_tokens,
+            cache_read,
+            latency_us,
+            cost,
+            savings,
+            error,
+            event.error_type,
+        )
+        self._apply(row, tier, 1)
+        self.recent.append(event)
+        return row
+
+    def _apply(self, row: CallRow, tier: str, sign: int) -> None:
+        ts_ms, series_id = row[0], row[1]
+        tokens_in, tokens_out, cache_creation, cache_read = row[3], row[4], row[5], row[7]
+        latency_us, cost, savings, error = row[8], row[9], row[10], row[11]
+        total = self.totals[series_id]
+        total[CALLS] += sign
+        total[ERRORS] += error * sign
+        total[TOKENS_IN] += tokens_in * sign
+        total[TOKENS_OUT] += tokens_out * sign
+        total[CACHE_READ] += cache_read * sign
+        total[CACHE_CREATION] += cache_creation * sign
+        total[COST] += cost * sign
+        total[SAVINGS] += savings * sign
+        window_row = [
+            sign,
+            error * sign,
+            tokens_in * sign,
+            tokens_out * sign,
+            cache_read * sign,
+            cache_creation * sign,
+            cost * sign,
+            savings * sign,
+            0,
+            0,
+        ]
+        key = None
+        if latency_us is not None:
+            total[LATENCY_SUM] += latency_us * sign
+            total[LATENCY_COUNT] += sign
+            total[HIST_OFFSET + bisect.bisect_left(_BOUNDS_US, latency_us)] += sign
+            window_row[LATENCY_SUM] = latency_us * sign
+            window_row[LATENCY_COUNT] = sign
+            key = sketch_key(latency_us / 1000.0)
+        ring = self.ring
+        now_s = int(self.clock())
+        if now_s > ring.current:
+            ring.advance(now_s)
+        ring.add(ts_ms // 1000, self.series_keys[series_id][2], window_row, key, sign)
+
+    def retract_call(self, row: CallRow) -> None:
+        """Take back a call counted by `record_call` (the store found its request_id stored)."""
+        self._apply(row, self.series_keys[row[1]][2], -1)
+        self.duplicates += 1
+
+    def record_other(self, event: Event, ts_ms: int) -> None:
+        """Count a non-call event: cache hit/miss, error, model override or system note."""
+        event.timestamp = ts_ms
+        for name, labels, savings in counter_updates(event):
+            self.count(name, labels, 1)
+            if savings:
+                self._add_savings(event, savings)
+        self.recent.append(event)
+
+    def retract_other(self, event: Event) -> None:
+        """Take back a non-call event (its request_id was already stored)."""
+        for name, labels, savings in counter_updates(event):
+            self.count(name, labels, -1)
+            if savings:
+                self._add_savings(event, -savings)
+        self.duplicates += 1
+
+    def count(self, name: str, labels: tuple[str, ...], delta: int) -> None:
+        key = (name, labels)
+        self.counters[key] = self.counters.get(key, 0) + delta
+
+    def cache_hit_series(self, event: CacheHit) -> int:
+        """The series a cache hit's savings are credited to (created when new)."""
+        assert event.model is not None
+        provider, tier, _ = self.pricing.classify(event.model)
+        return self.intern_series((provider, event.model, tier, event.project, event.agent or ""))
+
+    def _add_savings(self, event: Event, savings: int) -> None:
+        # Savings of a response served from the proxy's cache: credited to the model's series
+        # when the event names one, and always to the cache-hit savings counter.
+        self.count("cache_hit_savings_nanos", (), savings)
+        if isinstance(event, CacheHit) and event.model:
+            self.totals[self.cache_hit_series(event)][SAVINGS] += savings
+
+    def _new_series(self, key: SeriesKey) -> int:
+        series_id = self._next_series_id
+        self._next_series_id += 1
+        self.series_ids[key] = series_id
+        self.series_keys[series_id] = key
+        self.totals[series_id] = [0] * TOTAL_FIELDS
+        self.new_series.append(series_id)
+        return series_id
+
+    _next_series_id = 1
+
+    # -- restoring from the store -------------------------------------------------------------
+
+    def restore_series(self, series_id: int, key: SeriesKey, totals: Iterable[int]) -> None:
+        """Load one stored label set with its cumulative totals (at start-up)."""
+        row = list(totals)
+        if len(row) != TOTAL_FIELDS:
+            raise ValueError(f"series {series_id}: expected {TOTAL_FIELDS} totals, got {len(row)}")
+        self.series_ids[key] = series_id
+        self.series_keys[series_id] = key
+        self.totals[series_id] = row
+        self._next_series_id = max(self._next_series_id, series_id + 1)
+
+    def intern_series(self, key: SeriesKey) -> int:
+        """The id of a label set, created (with zero totals) when new."""
+        series_id = self.series_ids.get(key)
+        return self._new_series(key) if series_id is None else series_id
+
+    def restore_call(self, row: CallRow) -> None:
+        """Count a call that was accepted but is not in SQLite yet (from a spill file)."""
+        self._apply(row, self.series_keys[row[1]][2], 1)
+
+    def restore_window(self, row: CallRow) -> None:
+        """Put one stored call of the last 10 minutes back into the ring (not into totals)."""
+        latency_us = row[8]
+        window_row = [
+            1,
+            row[11],
+            row[3],
+            row[4],
+            row[7],
+            row[5],
+            row[9],
+            row[10],
+            latency_us or 0,
+            0 if latency_us is None else 1,
+        ]
+        key = None if latency_us is None else sketch_key(latency_us / 1000.0)
+        now_s = int(self.clock())
+        self.ring.advance(now_s)
+        self.ring.add(row[0] // 1000, self.series_keys[row[1]][2], window_row, key, 1)
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def window(self, name: str = "10m") -> WindowSnapshot:
+        """Sums over the last 1m, 5m or 10m (by event timestamp), as of the clock's now."""
+        seconds = WINDOWS[name]
+        self.ring.advance(int(self.clock()))
+        by_tier, sketch = self.ring.window(seconds)
+        total = [0] * ROW_FIELDS
+        for row in by_tier.values():
+            add_row(total, row)
+        p50, p95, p99 = sketch.quantiles(0.50, 0.95, 0.99)
+        return WindowSnapshot(name, seconds, total, by_tier, p50, p95, p99)
+
+    def breakdown(self, by: Dimension) -> dict[str, list[int]]:
+        """Cumulative totals (histogram included) grouped by one label."""
+        index = _DIMENSION_INDEX[by]
+        out: dict[str, list[int]] = {}
+        for series_id, row in self.totals.items():
+            label = self.series_keys[series_id][index]
+            into = out.get(label)
+            if into is None:
+                out[label] = list(row)
+            else:
+                for i, value in enumerate(row):
+                    into[i] += value
+        return out
+
+    def grand_total(self) -> list[int]:
+        """Cumulative totals over every label set."""
+        out = [0] * TOTAL_FIELDS
+        for row in self.totals.values():
+            for i, value in enumerate(row):
+                out[i] += value
+        return out
+
+    def series(self) -> list[tuple[SeriesKey, list[int]]]:
+        """Every label set with its cumulative totals (for Prometheus and OTLP)."""
+        return [(self.series_keys[sid], row) for sid, row in self.totals.items()]
+
+    def latency_sketch(self, name: str) -> LatencySketch:
+        """The latency sketch of one window (for merging across views)."""
+        return self.ring.window(WINDOWS[name])[1]
+
+
+def counter_updates(event: Event) -> list[tuple[str, tuple[str, ...], int]]:
+    """(counter name, label values, savings nano-USD) for a non-call event."""
+    if isinstance(event, CacheHit):
+        return [("cache_events", ("hit",), usd_to_nanos(event.savings_usd))]
+    if isinstance(event, CacheMiss):
+        return [("cache_events", ("miss",), 0)]
+    if isinstance(event, ModelOverride):
+        labels = (event.original_model, event.override_model, event.reason)
+        return [("model_overrides", labels, 0)]
+    if isinstance(event, ErrorEvent):
+        return [("errors", (event.error_type or "unknown",), 0)]
+    if isinstance(event, SystemEvent):
+        return [("system_events", (), 0)]
+    raise TypeError(f"not a non-call event: {type(event).__name__}")  # pragma: no cover

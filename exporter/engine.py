@@ -1,0 +1,173 @@
+"""Exporter: the engine as a library — validate, price, aggregate, persist.
+
+`record()` is synchronous and O(1): it updates the aggregator and appends to the writer's queue,
+never touching I/O. The writer task persists in batches; `record_durable()` waits for the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from typing import cast
+
+from exporter.aggregator import Aggregator
+from exporter.events import ApiCall, Event
+from exporter.settings import Settings
+from exporter.store.db import connect, load_pricing, migrate
+from exporter.store.queries import PurgeResult, purge, recent_request_ids, restore
+from exporter.store.writer import BatchWriter, QueueFull, WriterHealth
+
+__all__ = ["Exporter", "QueueFull"]
+
+_DAY_MS = 86_400_000
+
+
+class _SeenIds:
+    """A bounded set of recent idempotency keys (oldest forgotten first)."""
+
+    __slots__ = ("_limit", "_order", "_set")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._set: set[Hashable] = set()
+        self._order: deque[Hashable] = deque()
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._set
+
+    def add(self, key: Hashable) -> None:
+        self._set.add(key)
+        self._order.append(key)
+        if len(self._order) > self._limit:
+            self._set.discard(self._order.popleft())
+
+
+class Exporter:
+    """One running engine: an aggregator, a SQLite store and its writer task."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        aggregator: Aggregator,
+        writer: BatchWriter,
+        seen: _SeenIds,
+        clock: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        self.aggregator = aggregator
+        self.writer = writer
+        self._seen = seen
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    async def start(
+        cls, settings: Settings | None = None, *, clock: Callable[[], float] = time.time
+    ) -> Exporter:
+        """Open the database, apply migrations, restore state, start the writer task."""
+        settings = settings or Settings()
+        conn = await connect(settings.db_path)
+        try:
+            await migrate(conn)
+            pricing = await load_pricing(conn)
+            aggregator = Aggregator(pricing, clock=clock, recent_size=settings.recent_size)
+            await restore(conn, aggregator, int(clock() * 1000))
+            seen = _SeenIds(settings.dedup_memory)
+            for request_id in await recent_request_ids(conn, settings.dedup_memory):
+                seen.add(request_id)
+            writer = BatchWriter(
+                conn,
+                aggregator,
+                spill_path=settings.spill_path,
+                batch_size=settings.batch_size,
+                flush_interval=settings.flush_interval,
+                max_queue=settings.max_queue,
+            )
+            await writer.load_spill()
+        except BaseException:
+            await conn.close()
+            raise
+        exporter = cls(settings, aggregator, writer, seen, clock)
+        exporter._task = asyncio.create_task(writer.run(), name="cco-exporter-writer")
+        return exporter
+
+    def record(self, event: Event) -> bool:
+        """Count and queue one validated event. Returns False for a repeated request_id.
+
+        Raises QueueFull (without taking the event) when the write queue is at its bound;
+        `await record_durable()` or `await wait_for_room()` waits instead.
+        """
+        if self._closed:
+            raise RuntimeError("the exporter is closed")
+        writer = self.writer
+        if writer.depth >= writer.max_queue:
+            raise QueueFull(f"write queue is full ({writer.max_queue} events)")
+        request_id = event.request_id
+        is_call = type(event) is ApiCall
+        if request_id is not None:
+            key: Hashable = request_id if is_call else (type(event).__name__, request_id)
+            if key in self._seen:
+                self.aggregator.duplicates += 1
+                return False
+            self._seen.add(key)
+        ts = event.timestamp
+        ts_ms = int(self._clock() * 1000) if ts is None else cast(int, ts)
+        if is_call:
+            writer.enqueue_call(
+                self.aggregator.record_call(cast(ApiCall, event), ts_ms), request_id
+            )
+        else:
+            self.aggregator.record_other(event, ts_ms)
+            writer.enqueue_other(event)
+        return True
+
+    def record_many(self, events: Sequence[Event]) -> int:
+        """Record a validated batch, all or nothing as far as room goes; returns how many were
+        new (repeated request ids are skipped, not errors)."""
+        if not self.writer.has_room(len(events)):
+            raise QueueFull(f"no room for {len(events)} events")
+        return sum(1 for event in events if self.record(event))
+
+    async def wait_for_room(self, count: int = 1) -> None:
+        """Wait until `count` events fit in the write queue."""
+        await self.writer.wait_for_room(count)
+
+    async def record_durable(self, event: Event) -> bool:
+        """Record one event and return once it is committed to SQLite (or fsync'd to the spill
+        file while the database refuses writes; it is replayed from there)."""
+        await self.wait_for_room()
+        accepted = self.record(event)
+        await self.writer.barrier()
+        return accepted
+
+    async def flush(self) -> None:
+        """Write everything pending now."""
+        await self.writer.flush()
+
+    async def purge(self, *, now_ms: int | None = None) -> PurgeResult:
+        """Apply the retention: raw calls after `retention_days`, rollups after theirs."""
+        now = int(self._clock() * 1000) if now_ms is None else now_ms
+        calls_before = now - self.settings.retention_days * _DAY_MS
+        rollups_before = now - self.settings.rollup_retention_days * _DAY_MS
+        return await self.writer.run_exclusive(
+            lambda conn: purge(conn, calls_before_ms=calls_before, rollups_before_ms=rollups_before)
+        )
+
+    def health(self) -> WriterHealth:
+        return self.writer.health()
+
+    async def close(self) -> None:
+        """Flush everything, stop the writer task, close the database."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.writer.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.writer.connection.close()

@@ -1,0 +1,586 @@
+"""BatchWriter: the one task that writes to SQLite.
+
+Events wait in a bounded in-memory queue and are flushed when 100 have gathered or 5 s have
+passed (both configurable), always everything pending in one transaction: under load batches
+grow by themselves (group commit), and a durable record waits for the flush that carries it.
+Per-minute rollups, cumulative series totals and sessions are computed by SQLite from the rows
+just inserted, in the same transaction, so they can never disagree with `api_calls`.
+
+If a flush fails (disk full, database locked or read-only), its events are appended to a
+JSON-lines spill file beside the database and replayed in order once writes succeed; replay
+progress is committed with the rows it writes, so a crash mid-replay never stores a row twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import aiosqlite
+import msgspec
+
+from exporter.aggregator import HIST_OFFSET, TOTAL_FIELDS, Aggregator, CallRow, counter_updates
+from exporter.events import CacheHit, Event, event_from_dict, timestamp_ms
+
+__all__ = ["BatchWriter", "QueueFull", "WriterHealth"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_CALL_COLUMNS: Final = (
+    "timestamp, series_id, session_id, input_tokens, output_tokens, cache_creation_tokens,"
+    " cache_creation_1h_tokens, cache_read_tokens, latency_us, cost_nanos, savings_nanos,"
+    " status, error_type"
+)
+_INSERT_CALL: Final = f"INSERT INTO api_calls ({_CALL_COLUMNS}) VALUES ({', '.join('?' * 13)})"
+_SUMS: Final = (
+    ("calls", "count(*)"),
+    ("errors", "sum(status)"),
+    ("input_tokens", "sum(input_tokens)"),
+    ("output_tokens", "sum(output_tokens)"),
+    ("cache_read_tokens", "sum(cache_read_tokens)"),
+    ("cache_creation_tokens", "sum(cache_creation_tokens)"),
+    ("cost_nanos", "sum(cost_nanos)"),
+    ("savings_nanos", "sum(savings_nanos)"),
+    ("latency_us_sum", "coalesce(sum(latency_us), 0)"),
+    ("latency_count", "count(latency_us)"),
+)
+_SUM_NAMES: Final = [name for name, _ in _SUMS]
+_SUM_FIELDS: Final = ", ".join(_SUM_NAMES)
+_SUM_EXPRS: Final = ", ".join(expr for _, expr in _SUMS)
+_ROLLUP_FROM_CALLS: Final = f"""
+INSERT INTO metrics_aggregated (minute, series_id, {_SUM_FIELDS})
+SELECT (timestamp / 60000) * 60000, series_id, {_SUM_EXPRS}
+FROM api_calls WHERE id BETWEEN ? AND ? GROUP BY 1, 2
+ON CONFLICT (minute, series_id) DO UPDATE SET
+{", ".join(f"{n} = {n} + excluded.{n}" for n in _SUM_NAMES)}
+"""
+
+
+def _histogram_exprs() -> list[str]:
+    # Counts per bucket, matching bisect_left over the bounds in the aggregator:
+    # bucket i holds bounds[i-1] < latency <= bounds[i]; the last holds latency > bounds[-1].
+    from exporter.aggregator import HISTOGRAM_BOUNDS_S
+
+    bounds = [round(b * 1_000_000) for b in HISTOGRAM_BOUNDS_S]
+    exprs = [f"sum(latency_us <= {bounds[0]})"]
+    exprs += [
+        f"sum(latency_us > {lo} AND latency_us <= {hi})" for lo, hi in itertools.pairwise(bounds)
+    ]
+    exprs.append(f"sum(latency_us > {bounds[-1]})")
+    return exprs
+
+
+_HIST_COUNT: Final = TOTAL_FIELDS - HIST_OFFSET
+_SERIES_FROM_CALLS: Final = f"""
+UPDATE series SET
+{", ".join(f"{n} = series.{n} + agg.{n}" for n in _SUM_NAMES)},
+{", ".join(f"h{i} = series.h{i} + agg.h{i}" for i in range(_HIST_COUNT))}
+FROM (
+    SELECT series_id, {", ".join(f"{expr} AS {name}" for name, expr in _SUMS)},
+    {", ".join(f"coalesce({e}, 0) AS h{i}" for i, e in enumerate(_histogram_exprs()))}
+    FROM api_calls WHERE id BETWEEN ? AND ? GROUP BY series_id
+) AS agg
+WHERE series.id = agg.series_id
+"""
+_SESSIONS_FROM_CALLS: Final = """
+INSERT INTO sessions (session_id, project, first_seen, last_seen, calls, cost_nanos)
+SELECT c.session_id, s.project, min(c.timestamp), max(c.timestamp), count(*), sum(c.cost_nanos)
+FROM api_calls c JOIN series s ON s.id = c.series_id
+WHERE c.id BETWEEN ? AND ? AND c.session_id IS NOT NULL
+GROUP BY c.session_id
+ON CONFLICT (session_id) DO UPDATE SET
+    first_seen = min(first_seen, excluded.first_seen),
+    last_seen = max(last_seen, excluded.last_seen),
+    calls = calls + excluded.calls,
+    cost_nanos = cost_nanos + excluded.cost_nanos
+"""
+_UPSERT_COUNTER: Final = (
+    "INSERT INTO event_counters (name, labels, value) VALUES (?, ?, ?)"
+    " ON CONFLICT (name, labels) DO UPDATE SET value = value + excluded.value"
+)
+_UPSERT_SAVINGS_ROLLUP: Final = f"""
+INSERT INTO metrics_aggregated (minute, series_id, {_SUM_FIELDS})
+VALUES (?, ?, 0, 0, 0, 0, 0, 0, 0, ?, 0, 0)
+ON CONFLICT (minute, series_id) DO UPDATE SET savings_nanos = savings_nanos + excluded.savings_nanos
+"""
+_IN_CHUNK: Final = 500
+_SPILL_PROGRESS_KEY: Final = "spill_progress"
+
+
+class QueueFull(RuntimeError):
+    """The write queue is at its bound; the event was not taken. Await capacity and retry."""
+
+
+class WriterHealth(msgspec.Struct, frozen=True):
+    """The writer's state, for health endpoints and self-metrics."""
+
+    queue_depth: int
+    max_queue: int
+    flushes: int
+    events_written: int
+    last_flush_at: float | None
+    last_flush_seconds: float | None
+    last_flush_events: int
+    write_errors: int
+    spill_backlog: int
+    degraded: bool
+    last_error: str | None
+
+
+class _Batch:
+    """What one flush writes: call rows with their request ids, and other events."""
+
+    __slots__ = ("calls", "others", "request_ids")
+
+    def __init__(self) -> None:
+        self.calls: list[CallRow] = []
+        #: (index into calls, request_id) for the calls that carry one.
+        self.request_ids: list[tuple[int, str]] = []
+        self.others: list[Event] = []
+
+    def __len__(self) -> int:
+        return len(self.calls) + len(self.others)
+
+
+class BatchWriter:
+    """Owns the connection's writes; `run()` is its task, `close()` drains it."""
+
+    def __init__(
+        self,
+        conn: aiosqlite.Connection,
+        aggregator: Aggregator,
+        *,
+        spill_path: Path,
+        batch_size: int = 100,
+        flush_interval: float = 5.0,
+        max_queue: int = 100_000,
+    ) -> None:
+        self._conn = conn
+        self._aggregator = aggregator
+        self._spill_path = spill_path
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.max_queue = max_queue
+        self._pending = _Batch()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._wake = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+        self._lock = asyncio.Lock()
+        self._closing = False
+        self._spill_id: str | None = None
+        self._spill_lines = 0
+        self._spill_events = 0
+        self._flushes = 0
+        self._written = 0
+        self._write_errors = 0
+        self._last_flush_at: float | None = None
+        self._last_flush_seconds: float | None = None
+        self._last_flush_events = 0
+        self._last_error: str | None = None
+        #: Seconds each flush took, for the flush-duration histogram (bounded).
+        self.flush_seconds: list[float] = []
+
+    # -- the per-event path -------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending.calls) + len(self._pending.others)
+
+    def has_room(self, count: int = 1) -> bool:
+        return self.depth + count <= self.max_queue
+
+    def enqueue_call(self, row: CallRow, request_id: str | None) -> None:
+        pending = self._pending
+        if request_id is not None:
+            pending.request_ids.append((len(pending.calls), request_id))
+        pending.calls.append(row)
+        self._after_enqueue()
+
+    def enqueue_other(self, event: Event) -> None:
+        self._pending.others.append(event)
+        self._after_enqueue()
+
+    def _after_enqueue(self) -> None:
+        depth = self.depth
+        if depth >= self.batch_size:
+            self._wake.set()
+        if depth >= self.max_queue:
+            self._space.clear()
+
+    async def wait_for_room(self, count: int = 1) -> None:
+        """Back-pressure: wait until `count` more events fit in the queue."""
+        while not self.has_room(min(count, self.max_queue)):
+            self._space.clear()
+            self._wake.set()
+            await self._space.wait()
+
+    def barrier(self) -> asyncio.Future[None]:
+        """A future resolved when everything enqueued so far is committed (or spilled to disk)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        self._wake.set()
+        return future
+
+    # -- the task -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Flush whenever a batch is full, a durable record waits, or the interval passes."""
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_interval)
+            self._wake.clear()
+            if self._closing:
+                break
+            await self.flush()
+
+    async def close(self) -> None:
+        """Stop the loop and write everything still pending (spilling it if writes fail)."""
+        self._closing = True
+        self._wake.set()
+        await self.flush()
+        if self._spill_events:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write everything pending now, in one transaction (after any spill backlog)."""
+        async with self._lock:
+            batch, self._pending = self._pending, _Batch()
+            waiters, self._waiters = self._waiters, []
+            self._space.set()
+            new_series = self._aggregator.new_series
+            self._aggregator.new_series = []
+            started = time.perf_counter()
+            try:
+                if self._spill_events:
+                    await self._replay_spill()
+                if len(batch) or new_series:
+                    await self._write(batch, new_series)
+            except (sqlite3.Error, OSError) as exc:
+                # Keep the new series for the next attempt; put the batch on disk, in order.
+                self._aggregator.new_series[:0] = new_series
+                self._failed(exc)
+                if len(batch):
+                    self._spill(batch)
+            else:
+                if len(batch):
+                    self._flushes += 1
+                    self._written += len(batch)
+                    self._last_flush_at = time.time()
+                    self._last_flush_events = len(batch)
+                    elapsed = time.perf_counter() - started
+                    self._last_flush_seconds = elapsed
+                    if len(self.flush_seconds) < 10_000:
+                        self.flush_seconds.append(elapsed)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def run_exclusive(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        """Run maintenance (purge, vacuum) between flushes, never inside one."""
+        async with self._lock:
+            return await work(self._conn)
+
+    @property
+    def connection(self) -> aiosqlite.Connection:
+        return self._conn
+
+    def health(self) -> WriterHealth:
+        return WriterHealth(
+            queue_depth=self.depth,
+            max_queue=self.max_queue,
+            flushes=self._flushes,
+            events_written=self._written,
+            last_flush_at=self._last_flush_at,
+            last_flush_seconds=self._last_flush_seconds,
+            last_flush_events=self._last_flush_events,
+            write_errors=self._write_errors,
+            spill_backlog=self._spill_events,
+            degraded=self._spill_events > 0,
+            last_error=self._last_error,
+        )
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    async def _write(self, batch: _Batch, new_series: list[int]) -> None:
+        conn = self._conn
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            retract_calls, retract_others = await self._write_rows(batch, new_series)
+            await conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await conn.execute("ROLLBACK")
+            raise
+        # Only after the commit: these request ids were stored before, so take them back.
+        for row in retract_calls:
+            self._aggregator.retract_call(row)
+        for event in retract_others:
+            self._aggregator.retract_other(event)
+
+    async def _write_rows(
+        self, batch: _Batch, new_series: list[int]
+    ) -> tuple[list[CallRow], list[Event]]:
+        conn = self._conn
+        aggregator = self._aggregator
+        if new_series:
+            keys = aggregator.series_keys
+            await conn.executemany(
+                "INSERT OR IGNORE INTO series (id, provider, model, tier, project, agent)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(sid, *keys[sid]) for sid in new_series],
+            )
+        calls, request_ids = batch.calls, batch.request_ids
+        duplicates: list[CallRow] = []
+        if request_ids:
+            stored = await self._stored(
+                "SELECT request_id FROM request_ids WHERE request_id IN ({})",
+                [rid for _, rid in request_ids],
+            )
+            seen: set[str] = set()
+            drop: set[int] = set()
+            for index, rid in request_ids:
+                if rid in stored or rid in seen:
+                    drop.add(index)
+                seen.add(rid)
+            if drop:
+                duplicates = [calls[i] for i in sorted(drop)]
+                kept = [i for i in range(len(calls)) if i not in drop]
+                position = {old: new for new, old in enumerate(kept)}
+                calls = [calls[i] for i in kept]
+                request_ids = [(position[i], rid) for i, rid in request_ids if i not in drop]
+        if calls:
+            async with conn.execute("SELECT coalesce(max(id), 0) FROM api_calls") as cursor:
+                row = await cursor.fetchone()
+            base = int(row[0]) if row else 0
+            await conn.executemany(_INSERT_CALL, calls)
+            # Single writer: SQLite numbers new rows max(id)+1, max(id)+2, ... in insert order.
+            if request_ids:
+                await conn.executemany(
+                    "INSERT INTO request_ids (request_id, call_id) VALUES (?, ?)",
+                    [(rid, base + 1 + index) for index, rid in request_ids],
+                )
+            span = (base + 1, base + len(calls))
+            await conn.execute(_ROLLUP_FROM_CALLS, span)
+            await conn.execute(_SERIES_FROM_CALLS, span)
+            await conn.execute(_SESSIONS_FROM_CALLS, span)
+        duplicate_others = await self._write_others(batch.others) if batch.others else []
+        return duplicates, duplicate_others
+
+    async def _write_others(self, events: list[Event]) -> list[Event]:
+        conn = self._conn
+        keyed = [e for e in events if e.request_id is not None]
+        stored: set[str] = set()
+        if keyed:
+            stored_pairs = await self._stored(
+                "SELECT type || ':' || request_id FROM activity_events WHERE request_id IN ({})",
+                list({e.request_id for e in keyed if e.request_id is not None}),
+            )
+            stored = stored_pairs
+        duplicates: list[Event] = []
+        rows: list[tuple[Any, ...]] = []
+        counters: dict[tuple[str, str], int] = {}
+        savings_by_minute: dict[tuple[int, int], int] = {}
+        seen: set[str] = set()
+        for event in events:
+            tag = str(event.__struct_config__.tag)
+            if event.request_id is not None:
+                pair = f"{tag}:{event.request_id}"
+                if pair in stored or pair in seen:
+                    duplicates.append(event)
+                    continue
+                seen.add(pair)
+            ts = timestamp_ms(event)
+            model = getattr(event, "model", None) or getattr(event, "override_model", None)
+            rows.append(
+                (ts, tag, event.project, model, event.request_id, msgspec.json.encode(event))
+            )
+            for name, labels, savings in counter_updates(event):
+                key = (name, msgspec.json.encode(labels).decode())
+                counters[key] = counters.get(key, 0) + 1
+                if savings:
+                    counters[("cache_hit_savings_nanos", "[]")] = (
+                        counters.get(("cache_hit_savings_nanos", "[]"), 0) + savings
+                    )
+                    if isinstance(event, CacheHit) and event.model:
+                        series_id = self._aggregator.cache_hit_series(event)
+                        minute = (ts // 60000) * 60000
+                        key2 = (minute, series_id)
+                        savings_by_minute[key2] = savings_by_minute.get(key2, 0) + savings
+        if rows:
+            await conn.executemany(
+                "INSERT INTO activity_events (timestamp, type, project, model, request_id, payload)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(*row[:5], row[5].decode()) for row in rows],
+            )
+        if counters:
+            await conn.executemany(
+                _UPSERT_COUNTER, [(n, lab, v) for (n, lab), v in counters.items()]
+            )
+        if savings_by_minute:
+            await self._ensure_series(s for _, s in savings_by_minute)
+            await conn.executemany(
+                _UPSERT_SAVINGS_ROLLUP, [(m, s, v) for (m, s), v in savings_by_minute.items()]
+            )
+            per_series: dict[int, int] = {}
+            for (_, series_id), value in savings_by_minute.items():
+                per_series[series_id] = per_series.get(series_id, 0) + value
+            await conn.executemany(
+                "UPDATE series SET savings_nanos = savings_nanos + ? WHERE id = ?",
+                [(v, s) for s, v in per_series.items()],
+            )
+        return duplicates
+
+    async def _ensure_series(self, series_ids: Iterable[int]) -> None:
+        keys = self._aggregator.series_keys
+        await self._conn.executemany(
+            "INSERT OR IGNORE INTO series (id, provider, model, tier, project, agent)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(sid, *keys[sid]) for sid in set(series_ids)],
+        )
+
+    async def _stored(self, query: str, values: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(values), _IN_CHUNK):
+            chunk = values[start : start + _IN_CHUNK]
+            sql = query.format(", ".join("?" * len(chunk)))
+            async with self._conn.execute(sql, chunk) as cursor:
+                found.update(str(row[0]) for row in await cursor.fetchall())
+        return found
+
+    # -- spill and replay -------------------------------------------------------------------
+
+    def _failed(self, exc: BaseException) -> None:
+        self._write_errors += 1
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        log.error("database write failed, spilling to %s: %s", self._spill_path, exc)
+
+    def _spill(self, batch: _Batch) -> None:
+        """Append one batch as a JSON line (series by their labels, not ids), fsync'd."""
+        keys = self._aggregator.series_keys
+        rids = dict(batch.request_ids)
+        calls = [
+            [row[0], list(keys[row[1]]), *row[2:], rids.get(index)]
+            for index, row in enumerate(batch.calls)
+        ]
+        line = msgspec.json.encode({"calls": calls, "others": batch.others})
+        new_file = self._spill_id is None
+        with self._spill_path.open("ab") as out:
+            if new_file:
+                self._spill_id = uuid.uuid4().hex
+                out.write(msgspec.json.encode({"spill_id": self._spill_id}) + b"\n")
+            out.write(line + b"\n")
+            out.flush()
+            os.fsync(out.fileno())
+        self._spill_lines += 1
+        self._spill_events += len(batch)
+
+    async def load_spill(self) -> int:
+        """At start-up: find a spill file left by an earlier run, count its events into the
+        aggregator (they are not in SQLite yet) and queue them for replay. Returns the count."""
+        if not self._spill_path.exists():
+            return 0
+        spill_id, lines = self._read_spill()
+        done = await self._replayed_lines(spill_id)
+        events = 0
+        for line_no, batch in lines:
+            if line_no <= done:
+                continue
+            for row in batch.calls:
+                self._aggregator.restore_call(row)
+            for event in batch.others:
+                self._aggregator.record_other(event, timestamp_ms(event))
+            events += len(batch)
+        self._spill_id = spill_id
+        self._spill_lines = max((n for n, _ in lines), default=0)
+        self._spill_events = events
+        if not events:
+            self._spill_path.unlink()
+            self._spill_id = None
+        return events
+
+    async def _replayed_lines(self, spill_id: str) -> int:
+        async with self._conn.execute(
+            "SELECT value FROM config WHERE key = ?", (_SPILL_PROGRESS_KEY,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return 0
+        stored_id, _, count = str(row[0]).partition(":")
+        return int(count) if stored_id == spill_id else 0
+
+    def _read_spill(self) -> tuple[str, list[tuple[int, _Batch]]]:
+        raw = self._spill_path.read_bytes().splitlines()
+        header = msgspec.json.decode(raw[0]) if raw else {}
+        spill_id = str(header.get("spill_id", "unknown"))
+        batches: list[tuple[int, _Batch]] = []
+        for line_no, line in enumerate(raw[1:], start=1):
+            try:
+                data = msgspec.json.decode(line)
+            except msgspec.DecodeError:
+                # A torn last line from a crash mid-write: those events were never
+                # acknowledged as durable (that waits for the fsync), so skip it.
+                log.warning("spill file %s: skipping torn line %d", self._spill_path, line_no)
+                continue
+            batches.append((line_no, self._batch_from_json(data)))
+        return spill_id, batches
+
+    def _batch_from_json(self, data: dict[str, Any]) -> _Batch:
+        batch = _Batch()
+        aggregator = self._aggregator
+        for item in data["calls"]:
+            key = tuple(item[1])
+            series_id = aggregator.series_ids.get(key)
+            if series_id is None:
+                series_id = aggregator.intern_series(key)
+            request_id = item[-1]
+            if request_id is not None:
+                batch.request_ids.append((len(batch.calls), request_id))
+            batch.calls.append((item[0], series_id, *item[2:-1]))
+        batch.others = [event_from_dict(item) for item in data["others"]]
+        return batch
+
+    async def _replay_spill(self) -> None:
+        """Write the spill file's batches, one transaction each, recording progress in it."""
+        spill_id, batches = self._read_spill()
+        done = await self._replayed_lines(spill_id)
+        conn = self._conn
+        for line_no, batch in batches:
+            if line_no <= done:
+                continue
+            new_series = self._aggregator.new_series
+            self._aggregator.new_series = []
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                retract_calls, retract_others = await self._write_rows(batch, new_series)
+                await conn.execute(
+                    "INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
+                    (_SPILL_PROGRESS_KEY, f"{spill_id}:{line_no}"),
+                )
+                await conn.execute("COMMIT")
+            except BaseException:
+                self._aggregator.new_series[:0] = new_series
+                with contextlib.suppress(sqlite3.Error):
+                    await conn.execute("ROLLBACK")
+                raise
+            for row in retract_calls:
+                self._aggregator.retract_call(row)
+            for event in retract_others:
+                self._aggregator.retract_other(event)
+            self._spill_events -= len(batch)
+            self._written += len(batch) - len(retract_calls) - len(retract_others)
+        self._spill_path.unlink(missing_ok=True)
+        self._spill_id = None
+        self._spill_events = 0
+        self._spill_lines = 0
+        log.info("spill file replayed into the database")
