@@ -206,14 +206,14 @@ class Aggregator:
         total[COST] += cost * sign
         total[SAVINGS] += savings * sign
         window_row = [
-            sign,
-            error * sign,
-            tokens_in * sign,
-            tokens_out * sign,
-            cache_read * sign,
-            cache_creation * sign,
-            cost * sign,
-            savings * sign,
+            1,
+            error,
+            tokens_in,
+            tokens_out,
+            cache_read,
+            cache_creation,
+            cost,
+            savings,
             0,
             0,
         ]
@@ -222,8 +222,8 @@ class Aggregator:
             total[LATENCY_SUM] += latency_us * sign
             total[LATENCY_COUNT] += sign
             total[HIST_OFFSET + bisect.bisect_left(_BOUNDS_US, latency_us)] += sign
-            window_row[LATENCY_SUM] = latency_us * sign
-            window_row[LATENCY_COUNT] = sign
+            window_row[LATENCY_SUM] = latency_us
+            window_row[LATENCY_COUNT] = 1
             key = sketch_key(latency_us / 1000.0)
         ring = self.ring
         now_s = int(self.clock())

@@ -26,6 +26,7 @@ __all__ = [
     "decode_batch",
     "decode_event",
     "event_from_dict",
+    "from_openai_usage",
     "timestamp_ms",
 ]
 
@@ -133,8 +134,8 @@ class SystemEvent(_Base, tag="system"):
 Event = ApiCall | CacheHit | CacheMiss | ErrorEvent | ModelOverride | SystemEvent
 
 _DEFAULT_TYPE: Final = "api_call"
-_event_decoder: Final = msgspec.json.Decoder(Event)
 _batch_decoder: Final = msgspec.json.Decoder(list[Event])
+_call_batch_decoder: Final = msgspec.json.Decoder(list[ApiCall])
 _ERROR_AT = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$", re.DOTALL)
 _ITEM_PATH = re.compile(r"^\[(?P<index>\d+)\]\.?(?P<field>.*)$")
 
@@ -163,24 +164,34 @@ def decode_event(body: bytes | str) -> Event:
 def decode_batch(body: bytes | str, *, single: bool | None = None) -> list[Event]:
     """Decode a JSON object, a JSON array, or NDJSON (one object per line) into events.
 
-    The fast path is one msgspec decode of the whole body. Only when it fails (or items lack a
-    `type`, which msgspec's tagged unions cannot default) does a slower path run, item by item,
-    so that the error names every bad item, not only the first.
+    The fast path is one msgspec decode of the whole body: as a list of ApiCall when no item
+    names a `type` (the default type; msgspec's tagged unions cannot default one), else as the
+    tagged union. Only when that fails does a slower path run, item by item, so that the error
+    names every bad item, not only the first.
     """
     if isinstance(body, str):
         body = body.encode()
-    stripped = body.lstrip()
+    stripped = body.strip()
+    lines: list[bytes] | None = None
     if single is None:
         single = not stripped.startswith(b"[") and _is_single_object(stripped)
-    if not single and not stripped.startswith(b"["):
-        return _decode_ndjson(stripped)
+    if single:
+        body = b"[" + stripped + b"]"
+    elif not stripped.startswith(b"["):
+        # NDJSON of valid objects is a JSON array once its lines are joined with commas.
+        lines = [line for line in stripped.splitlines() if line.strip()]
+        body = b"[" + b",".join(lines) + b"]"
     try:
-        if single:
-            return [_event_decoder.decode(body)]
-        return _batch_decoder.decode(body)
-    except msgspec.DecodeError:
-        pass
-    return _decode_slow(body, single=single)
+        events: list[Event] = (
+            _batch_decoder.decode(body)
+            if b'"type"' in body
+            else list(_call_batch_decoder.decode(body))
+        )
+    except msgspec.DecodeError as exc:
+        return _decode_slow(body, lines, exc)
+    if not events:
+        raise EventValidationError([ItemError(0, None, "the request holds no event")])
+    return events
 
 
 def event_from_dict(item: Any) -> Event:
@@ -189,6 +200,27 @@ def event_from_dict(item: Any) -> Event:
         item = {"type": _DEFAULT_TYPE, **item}
     event: Event = msgspec.convert(item, Event)
     return event
+
+
+def from_openai_usage(
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
+    **fields: Any,
+) -> ApiCall:
+    """An ApiCall from OpenAI's usage block. OpenAI counts cached tokens inside
+    `prompt_tokens`; they are taken out so they are charged once, at the cached rate."""
+    if not 0 <= cached_tokens <= prompt_tokens:
+        raise ValueError("`cached_tokens` must be between 0 and `prompt_tokens`")
+    return ApiCall(
+        model=model,
+        provider=fields.pop("provider", "openai"),
+        input_tokens=prompt_tokens - cached_tokens,
+        output_tokens=completion_tokens,
+        cache_read_tokens=cached_tokens,
+        **fields,
+    )
 
 
 def timestamp_ms(event: Event) -> int:
@@ -208,36 +240,25 @@ def _is_single_object(body: bytes) -> bool:
     return not re.search(rb"}\s*\n\s*{", end)
 
 
-def _decode_ndjson(body: bytes) -> list[Event]:
-    lines = [line for line in body.splitlines() if line.strip()]
-    try:
-        # Fast path: NDJSON of valid typed objects is a JSON array once joined with commas.
-        return _batch_decoder.decode(b"[" + b",".join(lines) + b"]")
-    except msgspec.DecodeError:
-        pass
-    items: list[Any] = []
-    errors: list[ItemError] = []
-    for index, line in enumerate(lines):
-        try:
-            items.append(msgspec.json.decode(line))
-        except msgspec.DecodeError as exc:
-            errors.append(ItemError(index, None, f"malformed JSON: {exc}"))
-    if errors:
-        raise EventValidationError(errors)
-    if not items:
-        raise EventValidationError([ItemError(0, None, "the request holds no event")])
-    return _convert_items(items)
-
-
-def _decode_slow(body: bytes, *, single: bool) -> list[Event]:
+def _decode_slow(
+    body: bytes, lines: list[bytes] | None, typed_error: msgspec.DecodeError
+) -> list[Event]:
     try:
         parsed = msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
-        raise EventValidationError([ItemError(0, None, f"malformed JSON: {exc}")]) from None
-    if single:
-        if not isinstance(parsed, dict):
-            raise EventValidationError([ItemError(0, None, "expected a JSON object or array")])
-        parsed = [parsed]
+        if isinstance(typed_error, msgspec.ValidationError):
+            # JSON that parses only with types (e.g. a number out of range): the typed error
+            # already names the item and the field.
+            raise EventValidationError([_item_error(0, str(typed_error))]) from None
+        if lines is None:
+            raise EventValidationError([ItemError(0, None, f"malformed JSON: {exc}")]) from None
+        errors: list[ItemError] = []
+        for index, line in enumerate(lines):
+            try:
+                msgspec.json.decode(line)
+            except msgspec.DecodeError as line_exc:
+                errors.append(ItemError(index, None, f"malformed JSON: {line_exc}"))
+        raise EventValidationError(errors or [ItemError(0, None, str(exc))]) from None
     if not isinstance(parsed, list):
         raise EventValidationError([ItemError(0, None, "expected a JSON object or array")])
     if not parsed:
@@ -259,13 +280,15 @@ def _convert_items(items: list[Any]) -> list[Event]:
 
 
 def _item_error(index: int, text: str) -> ItemError:
+    """An ItemError from msgspec's message, whose path (`$[3].field`) may give index and field."""
     match = _ERROR_AT.match(text)
     if match is None:
         return ItemError(index, _field_in_message(text), text)
     path = match["path"].lstrip(".")
     item_path = _ITEM_PATH.match(path)
-    field = item_path["field"] if item_path else path
-    return ItemError(index, field or _field_in_message(match["msg"]), match["msg"])
+    if item_path is not None:
+        index, path = int(item_path["index"]), item_path["field"]
+    return ItemError(index, path or _field_in_message(match["msg"]), match["msg"])
 
 
 def _field_in_message(message: str) -> str | None:

@@ -258,24 +258,22 @@ class BatchWriter:
             batch, self._pending = self._pending, _Batch()
             waiters, self._waiters = self._waiters, []
             self._space.set()
-            new_series = self._aggregator.new_series
-            self._aggregator.new_series = []
             started = time.perf_counter()
+            written = 0
             try:
                 if self._spill_events:
                     await self._replay_spill()
-                if len(batch) or new_series:
-                    await self._write(batch, new_series)
+                if len(batch) or self._aggregator.new_series:
+                    written = await self._commit(batch)
             except (sqlite3.Error, OSError) as exc:
-                # Keep the new series for the next attempt; put the batch on disk, in order.
-                self._aggregator.new_series[:0] = new_series
+                # Put the batch on disk behind any earlier backlog, so order is kept.
                 self._failed(exc)
                 if len(batch):
                     self._spill(batch)
             else:
                 if len(batch):
                     self._flushes += 1
-                    self._written += len(batch)
+                    self._written += written
                     self._last_flush_at = time.time()
                     self._last_flush_events = len(batch)
                     elapsed = time.perf_counter() - started
@@ -312,21 +310,35 @@ class BatchWriter:
 
     # -- writing ----------------------------------------------------------------------------------
 
-    async def _write(self, batch: _Batch, new_series: list[int]) -> None:
+    async def _commit(self, batch: _Batch, progress: str | None = None) -> int:
+        """Write one batch in one transaction; returns how many events were new.
+
+        Label sets created since the last commit are inserted first, in the same transaction,
+        whichever batch (a spilled one or the current one) happens to be written first.
+        """
         conn = self._conn
+        aggregator = self._aggregator
+        new_series, aggregator.new_series = aggregator.new_series, []
         await conn.execute("BEGIN IMMEDIATE")
         try:
             retract_calls, retract_others = await self._write_rows(batch, new_series)
+            if progress is not None:
+                await conn.execute(
+                    "INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
+                    (_SPILL_PROGRESS_KEY, progress),
+                )
             await conn.execute("COMMIT")
         except BaseException:
+            aggregator.new_series[:0] = new_series
             with contextlib.suppress(sqlite3.Error):
                 await conn.execute("ROLLBACK")
             raise
         # Only after the commit: these request ids were stored before, so take them back.
         for row in retract_calls:
-            self._aggregator.retract_call(row)
+            aggregator.retract_call(row)
         for event in retract_others:
-            self._aggregator.retract_other(event)
+            aggregator.retract_other(event)
+        return len(batch) - len(retract_calls) - len(retract_others)
 
     async def _write_rows(
         self, batch: _Batch, new_series: list[int]
@@ -554,31 +566,11 @@ class BatchWriter:
         """Write the spill file's batches, one transaction each, recording progress in it."""
         spill_id, batches = self._read_spill()
         done = await self._replayed_lines(spill_id)
-        conn = self._conn
         for line_no, batch in batches:
             if line_no <= done:
                 continue
-            new_series = self._aggregator.new_series
-            self._aggregator.new_series = []
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                retract_calls, retract_others = await self._write_rows(batch, new_series)
-                await conn.execute(
-                    "INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
-                    (_SPILL_PROGRESS_KEY, f"{spill_id}:{line_no}"),
-                )
-                await conn.execute("COMMIT")
-            except BaseException:
-                self._aggregator.new_series[:0] = new_series
-                with contextlib.suppress(sqlite3.Error):
-                    await conn.execute("ROLLBACK")
-                raise
-            for row in retract_calls:
-                self._aggregator.retract_call(row)
-            for event in retract_others:
-                self._aggregator.retract_other(event)
+            self._written += await self._commit(batch, f"{spill_id}:{line_no}")
             self._spill_events -= len(batch)
-            self._written += len(batch) - len(retract_calls) - len(retract_others)
         self._spill_path.unlink(missing_ok=True)
         self._spill_id = None
         self._spill_events = 0

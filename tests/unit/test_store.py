@@ -1,0 +1,339 @@
+"""The engine on a real SQLite file: persistence, idempotency, spill and replay, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from exporter import ApiCall, CacheHit, Exporter, ModelOverride, QueueFull, Settings
+from exporter.store.db import MIGRATIONS_DIR, MigrationError, connect, migrate
+from exporter.windows import CALLS, COST, TOKENS_IN
+from tests.conftest import FakeClock
+
+MODELS = [
+    "claude-opus-4-1-20250805",
+    "claude-sonnet-4-5-20250929",
+    "claude-haiku-4-5",
+    "gpt-4o",
+    "gpt-5-mini",
+    "llama3.1:8b",
+    "some-unpriced-model",
+]
+
+
+def random_call(rng: random.Random, clock: FakeClock, i: int, *, rid: bool = False) -> ApiCall:
+    return ApiCall(
+        model=rng.choice(MODELS),
+        timestamp=clock.ms - rng.randint(0, 900_000),
+        project=rng.choice(["web", "api", "cli"]),
+        agent=rng.choice([None, "planner", "coder"]),
+        session_id=rng.choice([None, "s-1", "s-2"]),
+        request_id=f"req-{i}" if rid else None,
+        input_tokens=rng.randint(0, 200_000),
+        output_tokens=rng.randint(0, 20_000),
+        cache_creation_tokens=rng.randint(0, 5_000),
+        cache_read_tokens=rng.randint(0, 50_000),
+        latency_ms=rng.choice([None, rng.uniform(1, 60_000)]),
+        status=rng.choice(["ok", "ok", "ok", "error"]),
+    )
+
+
+def db_totals(path: Path) -> tuple[int, int, int]:
+    with sqlite3.connect(path) as conn:
+        row = conn.execute(
+            "SELECT count(*), coalesce(sum(cost_nanos), 0), coalesce(sum(input_tokens), 0)"
+            " FROM api_calls"
+        ).fetchone()
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def settings_for(tmp_path: Path, **overrides: object) -> Settings:
+    return Settings(db_path=str(tmp_path / "metrics.db"), **overrides)  # type: ignore[arg-type]
+
+
+async def test_migrations_are_applied_once_and_recorded(tmp_path: Path) -> None:
+    conn = await connect(tmp_path / "m.db")
+    try:
+        first = await migrate(conn)
+        assert first == ["001_initial_schema.sql", "002_seed_pricing.sql", "003_add_indexes.sql"]
+        assert await migrate(conn) == []
+        async with conn.execute("SELECT version FROM schema_migrations ORDER BY 1") as cur:
+            assert [r[0] for r in await cur.fetchall()] == [1, 2, 3]
+        async with conn.execute("PRAGMA journal_mode") as cur:
+            assert (await cur.fetchone()) == ("wal",)
+    finally:
+        await conn.close()
+
+
+async def test_a_broken_migration_leaves_the_previous_version(tmp_path: Path) -> None:
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    for source in sorted(MIGRATIONS_DIR.glob("*.sql")):
+        (folder / source.name).write_text(source.read_text())
+    (folder / "004_broken.sql").write_text("CREATE TABLE ok_table (x);\nSELECT * FROM nowhere;")
+    conn = await connect(tmp_path / "m.db")
+    try:
+        with pytest.raises(MigrationError, match=r"004_broken\.sql"):
+            await migrate(conn, folder)
+        async with conn.execute("SELECT max(version) FROM schema_migrations") as cur:
+            assert (await cur.fetchone()) == (3,)
+        async with conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'ok_table'"
+        ) as cur:
+            assert (await cur.fetchone()) == (0,)
+    finally:
+        await conn.close()
+
+
+async def test_100k_random_events_totals_equal_sqlite_sums_to_the_nano_dollar(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    rng = random.Random(7)
+    exporter = await Exporter.start(settings_for(tmp_path, max_queue=200_000), clock=clock)
+    for i in range(100_000):
+        exporter.record(random_call(rng, clock, i))
+        if i % 10_000 == 0:
+            clock.advance(1)
+            await asyncio.sleep(0)
+    totals = exporter.aggregator.grand_total()
+    await exporter.close()
+    count, cost, tokens_in = db_totals(tmp_path / "metrics.db")
+    assert count == totals[CALLS] == 100_000
+    assert cost == totals[COST]
+    assert tokens_in == totals[TOKENS_IN]
+    with sqlite3.connect(tmp_path / "metrics.db") as conn:
+        rollup = conn.execute(
+            "SELECT sum(calls), sum(cost_nanos) FROM metrics_aggregated"
+        ).fetchone()
+        series = conn.execute("SELECT sum(calls), sum(cost_nanos) FROM series").fetchone()
+        by_view = conn.execute("SELECT round(sum(cost_usd), 2) FROM calls").fetchone()[0]
+    assert rollup == (100_000, cost)
+    assert series == (100_000, cost)
+    assert by_view == round(cost / 1e9, 2)
+
+
+async def test_repeated_request_id_is_counted_once_also_after_restart(tmp_path: Path) -> None:
+    clock = FakeClock()
+    exporter = await Exporter.start(settings_for(tmp_path), clock=clock)
+    call = dict(model="claude-sonnet-4-5", input_tokens=1000, request_id="req_abc")
+    assert exporter.record(ApiCall(**call)) is True  # type: ignore[arg-type]
+    assert exporter.record(ApiCall(**call)) is False  # type: ignore[arg-type]
+    hit = dict(savings_usd=0.1, request_id="req_abc")  # another type may reuse the id
+    assert exporter.record(CacheHit(**hit)) is True  # type: ignore[arg-type]
+    assert exporter.record(CacheHit(**hit)) is False  # type: ignore[arg-type]
+    await exporter.close()
+
+    exporter = await Exporter.start(settings_for(tmp_path), clock=clock)
+    assert exporter.record(ApiCall(**call)) is False  # type: ignore[arg-type]
+    assert exporter.aggregator.grand_total()[CALLS] == 1
+    await exporter.close()
+
+    # With the in-memory memory of ids too small to remember it, the store still refuses it
+    # and the count is taken back at the flush.
+    exporter = await Exporter.start(settings_for(tmp_path, dedup_memory=1), clock=clock)
+    exporter.record(ApiCall(model="gpt-4o", request_id="other"))
+    assert exporter.record(ApiCall(**call)) is True  # type: ignore[arg-type]
+    await exporter.flush()
+    assert exporter.aggregator.grand_total()[CALLS] == 2
+    assert exporter.aggregator.duplicates == 1
+    await exporter.close()
+    assert db_totals(tmp_path / "metrics.db")[0] == 2
+
+
+async def test_restart_restores_totals_counters_and_the_ten_minute_window(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    rng = random.Random(3)
+    exporter = await Exporter.start(settings_for(tmp_path), clock=clock)
+    for i in range(2_000):
+        exporter.record(random_call(rng, clock, i, rid=True))
+    exporter.record(CacheHit(model="claude-sonnet-4-5", savings_usd=0.5))
+    exporter.record(ModelOverride(original_model="claude-opus-4-1", override_model="gpt-4o"))
+    before_totals = exporter.aggregator.grand_total()
+    before_windows = {w: exporter.aggregator.window(w) for w in ("1m", "5m", "10m")}
+    before_counters = dict(exporter.aggregator.counters)
+    before_models = exporter.aggregator.breakdown("model")
+    await exporter.close()
+
+    clock.advance(0.5)
+    exporter = await Exporter.start(settings_for(tmp_path), clock=clock)
+    try:
+        assert exporter.aggregator.grand_total() == before_totals
+        assert exporter.aggregator.counters == before_counters
+        assert exporter.aggregator.breakdown("model") == before_models
+        for name, snap in before_windows.items():
+            after = exporter.aggregator.window(name)
+            assert after.total == snap.total
+            assert after.by_tier == snap.by_tier
+            assert after.p95_ms == snap.p95_ms
+    finally:
+        await exporter.close()
+
+
+async def test_failing_flush_spills_then_replays_exact_counts_without_duplicates(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    rng = random.Random(11)
+    exporter = await Exporter.start(settings_for(tmp_path), clock=clock)
+    conn = exporter.writer.connection
+    for i in range(500):
+        exporter.record(random_call(rng, clock, i, rid=i % 2 == 0))
+    await exporter.flush()
+    assert exporter.health().spill_backlog == 0
+
+    # The disk is "full": SQLite may not grow the file by a single page.
+    async with conn.execute("PRAGMA page_count") as cur:
+        row = await cur.fetchone()
+    assert row is not None
+    await conn.execute(f"PRAGMA max_page_count = {row[0]}")
+    for i in range(500, 3_000):
+        exporter.record(random_call(rng, clock, i, rid=i % 2 == 0))
+    await exporter.flush()
+    health = exporter.health()
+    assert health.degraded
+    assert health.spill_backlog == 2_500
+    assert health.write_errors >= 1
+    assert health.last_error is not None
+    assert "full" in health.last_error
+    assert (tmp_path / "metrics.db.spill.jsonl").exists()
+    durable = asyncio.create_task(exporter.record_durable(ApiCall(model="gpt-4o", request_id="d1")))
+    await durable  # acknowledged once fsync'd in the spill file
+
+    await conn.execute("PRAGMA max_page_count = 1073741823")
+    exporter.record(ApiCall(model="gpt-4o", request_id="r-after"))
+    await exporter.flush()
+    health = exporter.health()
+    assert not health.degraded
+    assert health.spill_backlog == 0
+    assert not (tmp_path / "metrics.db.spill.jsonl").exists()
+    totals = exporter.aggregator.grand_total()
+    await exporter.close()
+    count, cost, _ = db_totals(tmp_path / "metrics.db")
+    assert count == totals[CALLS] == 3_002
+    assert cost == totals[COST]
+    with sqlite3.connect(tmp_path / "metrics.db") as c:
+        assert c.execute("SELECT count(*) FROM request_ids").fetchone()[0] == 1_502
+        assert c.execute("SELECT sum(calls) FROM series").fetchone()[0] == 3_002
+
+
+async def test_spill_left_by_a_crash_is_counted_and_replayed_on_start(tmp_path: Path) -> None:
+    clock = FakeClock()
+    exporter = await Exporter.start(settings_for(tmp_path), clock=clock)
+    exporter.record(ApiCall(model="gpt-4o", input_tokens=1, request_id="stored"))
+    await exporter.flush()
+    conn = exporter.writer.connection
+    async with conn.execute("PRAGMA page_count") as cur:
+        row = await cur.fetchone()
+    assert row is not None
+    await conn.execute(f"PRAGMA max_page_count = {row[0]}")
+    for i in range(3_000):  # enough rows that SQLite must grow the file
+        exporter.record(ApiCall(model="claude-haiku-4-5", input_tokens=100, request_id=f"s{i}"))
+    exporter.record(CacheHit(model="gpt-4o", savings_usd=1.0))
+    await exporter.flush()
+    assert exporter.health().spill_backlog == 3_001
+    # Simulate a crash: drop the exporter without close(); the spill file stays.
+    exporter.writer._closing = True  # stop its loop
+    await conn.close()
+
+    exporter = await Exporter.start(settings_for(tmp_path), clock=clock)
+    assert exporter.aggregator.grand_total()[CALLS] == 3_001
+    assert exporter.health().spill_backlog == 3_001
+    await exporter.flush()
+    assert exporter.health().spill_backlog == 0
+    await exporter.close()
+    assert db_totals(tmp_path / "metrics.db")[0] == 3_001
+    exporter = await Exporter.start(settings_for(tmp_path), clock=clock)
+    assert exporter.aggregator.grand_total()[CALLS] == 3_001
+    assert exporter.aggregator.counters[("cache_events", ("hit",))] == 1
+    await exporter.close()
+
+
+async def test_close_loses_nothing(tmp_path: Path) -> None:
+    clock = FakeClock()
+    rng = random.Random(5)
+    settings = settings_for(
+        tmp_path, batch_size=1_000_000, flush_interval=3600.0, max_queue=2_000_000
+    )
+    exporter = await Exporter.start(settings, clock=clock)
+    for i in range(20_000):
+        exporter.record(random_call(rng, clock, i))
+    assert exporter.health().queue_depth == 20_000
+    await exporter.close()
+    assert db_totals(tmp_path / "metrics.db")[0] == 20_000
+    with pytest.raises(RuntimeError, match="closed"):
+        exporter.record(ApiCall(model="gpt-4o"))
+
+
+async def test_a_durable_record_waits_for_its_commit(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, flush_interval=3600.0)
+    exporter = await Exporter.start(settings)
+    try:
+        await exporter.record_durable(ApiCall(model="gpt-4o", input_tokens=3))
+        assert db_totals(tmp_path / "metrics.db")[0] == 1
+    finally:
+        await exporter.close()
+
+
+async def test_the_batch_size_triggers_a_flush(tmp_path: Path) -> None:
+    exporter = await Exporter.start(settings_for(tmp_path, batch_size=10, flush_interval=3600.0))
+    try:
+        for _ in range(10):
+            exporter.record(ApiCall(model="gpt-4o"))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if exporter.health().flushes:
+                break
+        assert db_totals(tmp_path / "metrics.db")[0] == 10
+    finally:
+        await exporter.close()
+
+
+async def test_a_full_queue_pushes_back_instead_of_dropping(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, batch_size=5, max_queue=5, flush_interval=3600.0)
+    exporter = await Exporter.start(settings)
+    try:
+        for _ in range(5):
+            exporter.record(ApiCall(model="gpt-4o"))
+        with pytest.raises(QueueFull):
+            exporter.record(ApiCall(model="gpt-4o"))
+        with pytest.raises(QueueFull):
+            exporter.record_many([ApiCall(model="gpt-4o")] * 2)
+        assert exporter.aggregator.grand_total()[CALLS] == 5
+        await exporter.wait_for_room(5)  # the writer drains; room appears
+        assert exporter.record_many([ApiCall(model="gpt-4o") for _ in range(3)]) == 3
+    finally:
+        await exporter.close()
+    assert db_totals(tmp_path / "metrics.db")[0] == 8
+
+
+async def test_purge_drops_old_raw_calls_and_keeps_totals_and_rollups(tmp_path: Path) -> None:
+    clock = FakeClock()
+    exporter = await Exporter.start(settings_for(tmp_path, retention_days=30), clock=clock)
+    day = 86_400_000
+    for age_days, rid in ((40, "old"), (31, "older-than-30"), (1, "new")):
+        exporter.record(
+            ApiCall(
+                model="gpt-4o", input_tokens=10, timestamp=clock.ms - age_days * day, request_id=rid
+            )
+        )
+    exporter.record(CacheHit(timestamp=clock.ms - 45 * day))
+    await exporter.flush()
+    result = await exporter.purge()
+    assert (result.api_calls, result.request_ids, result.activity_events) == (2, 2, 1)
+    assert result.metrics_aggregated == 0
+    assert exporter.aggregator.grand_total()[CALLS] == 3
+    await exporter.close()
+    with sqlite3.connect(tmp_path / "metrics.db") as conn:
+        assert conn.execute("SELECT count(*) FROM api_calls").fetchone()[0] == 1
+        assert conn.execute("SELECT sum(calls) FROM metrics_aggregated").fetchone()[0] == 3
+        assert conn.execute("SELECT sum(calls) FROM series").fetchone()[0] == 3
+    exporter = await Exporter.start(settings_for(tmp_path), clock=clock)
+    assert exporter.aggregator.grand_total()[CALLS] == 3
+    await exporter.close()
