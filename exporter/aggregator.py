@@ -138,32 +138,32 @@ class Aggregator:
     # -- the per-event path -------------------------------------------------------------------
 
     def record_call(self, event: ApiCall, ts_ms: int) -> CallRow:
-        """Count one API call; fills in its timestamp, provider, tier and cost; returns its row."""
+        """Count one API call; fills in its timestamp, provider, tier and cost; returns its row.
+
+        This is the hot path: everything it touches is a dict lookup or an integer add.
+        """
         model = event.model
-        pricing = self.pricing
-        provider, tier = event.provider, event.tier
-        if provider is None or tier is None:
-            inferred_provider, inferred_tier, _ = pricing.classify(model)
-            provider = event.provider = provider or inferred_provider
-            tier = event.tier = tier or inferred_tier
         tokens_in, tokens_out = event.input_tokens, event.output_tokens
         cache_creation, cache_read = event.cache_creation_tokens, event.cache_read_tokens
+        cache_1h = event.cache_creation_1h_tokens
+        provider, tier, cost, savings = self.pricing.price_call(
+            model, tokens_in, tokens_out, cache_creation, cache_read, cache_1h
+        )
+        if event.provider is None:
+            event.provider = provider
+        else:
+            provider = event.provider
+        if event.tier is None:
+            event.tier = tier
+        else:
+            tier = event.tier
         if event.cost_usd is None:
-            cost = pricing.cost_nanos(
-                model,
-                tokens_in,
-                tokens_out,
-                cache_creation,
-                cache_read,
-                event.cache_creation_1h_tokens,
-            )
             if cost is None:
                 cost = 0
                 self.unpriced += 1
             event.cost_usd = cost / 1e9
         else:
-            cost = usd_to_nanos(event.cost_usd)
-        savings = pricing.savings_nanos(model, cache_read) if cache_read else 0
+            cost = round(event.cost_usd * 1e9)
         latency = event.latency_ms
         latency_us = None if latency is None else round(latency * 1000)
         error = 1 if event.status == "error" else 0
@@ -180,7 +180,7 @@ class Aggregator:
             tokens_in,
             tokens_out,
             cache_creation,
-            event.cache_creation_1h_tokens,
+            cache_1h,
             cache_read,
             latency_us,
             cost,
@@ -188,48 +188,60 @@ class Aggregator:
             error,
             event.error_type,
         )
-        self._apply(row, tier, 1)
-        self.recent.append(event)
-        return row
-
-    def _apply(self, row: CallRow, tier: str, sign: int) -> None:
-        ts_ms, series_id = row[0], row[1]
-        tokens_in, tokens_out, cache_creation, cache_read = row[3], row[4], row[5], row[7]
-        latency_us, cost, savings, error = row[8], row[9], row[10], row[11]
         total = self.totals[series_id]
-        total[CALLS] += sign
-        total[ERRORS] += error * sign
-        total[TOKENS_IN] += tokens_in * sign
-        total[TOKENS_OUT] += tokens_out * sign
-        total[CACHE_READ] += cache_read * sign
-        total[CACHE_CREATION] += cache_creation * sign
-        total[COST] += cost * sign
-        total[SAVINGS] += savings * sign
-        window_row = [
-            1,
-            error,
-            tokens_in,
-            tokens_out,
-            cache_read,
-            cache_creation,
-            cost,
-            savings,
-            0,
-            0,
-        ]
-        key = None
+        total[CALLS] += 1
+        total[ERRORS] += error
+        total[TOKENS_IN] += tokens_in
+        total[TOKENS_OUT] += tokens_out
+        total[CACHE_READ] += cache_read
+        total[CACHE_CREATION] += cache_creation
+        total[COST] += cost
+        total[SAVINGS] += savings
         if latency_us is not None:
-            total[LATENCY_SUM] += latency_us * sign
-            total[LATENCY_COUNT] += sign
-            total[HIST_OFFSET + bisect.bisect_left(_BOUNDS_US, latency_us)] += sign
-            window_row[LATENCY_SUM] = latency_us
-            window_row[LATENCY_COUNT] = 1
-            key = sketch_key(latency_us / 1000.0)
+            total[LATENCY_SUM] += latency_us
+            total[LATENCY_COUNT] += 1
+            total[HIST_OFFSET + bisect.bisect_left(_BOUNDS_US, latency_us)] += 1
+
         ring = self.ring
         now_s = int(self.clock())
         if now_s > ring.current:
             ring.advance(now_s)
-        ring.add(ts_ms // 1000, self.series_keys[series_id][2], window_row, key, sign)
+        if ts_ms // 1000 >= now_s:
+            # The open second (or a client clock a little ahead): add in place, no allocation
+            # beyond the first event of a tier in this second.
+            bucket = ring.open
+            sums = bucket.rows.get(tier)
+            if sums is None:
+                sums = bucket.rows[tier] = [0] * ROW_FIELDS
+            sums[CALLS] += 1
+            sums[ERRORS] += error
+            sums[TOKENS_IN] += tokens_in
+            sums[TOKENS_OUT] += tokens_out
+            sums[CACHE_READ] += cache_read
+            sums[CACHE_CREATION] += cache_creation
+            sums[COST] += cost
+            sums[SAVINGS] += savings
+            if latency_us is not None:
+                sums[LATENCY_SUM] += latency_us
+                sums[LATENCY_COUNT] += 1
+                bucket.sketch.add_key(sketch_key(latency_us / 1000.0))
+        else:
+            ring.add(ts_ms // 1000, tier, _window_row(row), _latency_key(latency_us), 1)
+        self.recent.append(event)
+        return row
+
+    def _apply(self, row: CallRow, tier: str, sign: int) -> None:
+        """Add (sign 1) or take back (sign -1) a call row everywhere: totals and windows."""
+        latency_us = row[8]
+        total = self.totals[row[1]]
+        for field, value in zip(_ROW_SOURCES, row_values := _window_row(row), strict=True):
+            if field is not None:
+                total[field] += value * sign
+        if latency_us is not None:
+            total[HIST_OFFSET + bisect.bisect_left(_BOUNDS_US, latency_us)] += sign
+        now_s = int(self.clock())
+        self.ring.advance(now_s)
+        self.ring.add(row[0] // 1000, tier, row_values, _latency_key(latency_us), sign)
 
     def retract_call(self, row: CallRow) -> None:
         """Take back a call counted by `record_call` (the store found its request_id stored)."""
@@ -304,23 +316,9 @@ class Aggregator:
 
     def restore_window(self, row: CallRow) -> None:
         """Put one stored call of the last 10 minutes back into the ring (not into totals)."""
-        latency_us = row[8]
-        window_row = [
-            1,
-            row[11],
-            row[3],
-            row[4],
-            row[7],
-            row[5],
-            row[9],
-            row[10],
-            latency_us or 0,
-            0 if latency_us is None else 1,
-        ]
-        key = None if latency_us is None else sketch_key(latency_us / 1000.0)
-        now_s = int(self.clock())
-        self.ring.advance(now_s)
-        self.ring.add(row[0] // 1000, self.series_keys[row[1]][2], window_row, key, 1)
+        self.ring.advance(int(self.clock()))
+        tier = self.series_keys[row[1]][2]
+        self.ring.add(row[0] // 1000, tier, _window_row(row), _latency_key(row[8]), 1)
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -364,6 +362,31 @@ class Aggregator:
     def latency_sketch(self, name: str) -> LatencySketch:
         """The latency sketch of one window (for merging across views)."""
         return self.ring.window(WINDOWS[name])[1]
+
+
+#: Every window-row field is also a totals field at the same index.
+_ROW_SOURCES: Final = tuple(range(ROW_FIELDS))
+
+
+def _window_row(row: CallRow) -> list[int]:
+    """A call row as a row of sums (see windows.py for the layout)."""
+    latency_us = row[8]
+    return [
+        1,
+        row[11],
+        row[3],
+        row[4],
+        row[7],
+        row[5],
+        row[9],
+        row[10],
+        latency_us or 0,
+        0 if latency_us is None else 1,
+    ]
+
+
+def _latency_key(latency_us: int | None) -> int | None:
+    return None if latency_us is None else sketch_key(latency_us / 1000.0)
 
 
 def counter_updates(event: Event) -> list[tuple[str, tuple[str, ...], int]]:

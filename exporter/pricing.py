@@ -159,6 +159,39 @@ class PricingTable:
         )
         return (pico + 500) // 1000
 
+    def price_call(
+        self,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        cache_creation_tokens: int,
+        cache_read_tokens: int,
+        cache_creation_1h_tokens: int,
+    ) -> tuple[str, str, int | None, int]:
+        """Everything the aggregator needs from one lookup: (provider, tier, cost nano-USD or
+        None when unpriced, cache savings nano-USD)."""
+        compiled = self._match(model)
+        if compiled is None:
+            return infer_provider(model), tier_by_name(model), None, 0
+        prompt = input_tokens + cache_creation_tokens + cache_read_tokens
+        threshold = compiled.long_threshold
+        rin, rout, rw5, rw1, rrd = (
+            compiled.long if threshold is not None and prompt > threshold else compiled.normal
+        )
+        pico = (
+            input_tokens * rin
+            + output_tokens * rout
+            + (cache_creation_tokens - cache_creation_1h_tokens) * rw5
+            + cache_creation_1h_tokens * rw1
+            + cache_read_tokens * rrd
+        )
+        savings = 0
+        if cache_read_tokens:
+            nin, _, _, _, nrd = compiled.normal
+            savings = (cache_read_tokens * (nin - nrd) + 500) // 1000
+        price = compiled.price
+        return price.provider, price.tier, (pico + 500) // 1000, savings
+
     def savings_nanos(self, model: str, cache_read_tokens: int) -> int:
         """What prompt caching saved: cache reads at the input rate minus the cache-read rate."""
         if not cache_read_tokens:

@@ -172,6 +172,7 @@ class BatchWriter:
         self.flush_interval = flush_interval
         self.max_queue = max_queue
         self._pending = _Batch()
+        self._depth = 0
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
@@ -195,7 +196,8 @@ class BatchWriter:
 
     @property
     def depth(self) -> int:
-        return len(self._pending.calls) + len(self._pending.others)
+        """Events waiting for the writer."""
+        return self._depth
 
     def has_room(self, count: int = 1) -> bool:
         return self.depth + count <= self.max_queue
@@ -212,7 +214,7 @@ class BatchWriter:
         self._after_enqueue()
 
     def _after_enqueue(self) -> None:
-        depth = self.depth
+        depth = self._depth = self._depth + 1
         if depth >= self.batch_size:
             self._wake.set()
         if depth >= self.max_queue:
@@ -256,6 +258,7 @@ class BatchWriter:
         """Write everything pending now, in one transaction (after any spill backlog)."""
         async with self._lock:
             batch, self._pending = self._pending, _Batch()
+            self._depth = 0
             waiters, self._waiters = self._waiters, []
             self._space.set()
             started = time.perf_counter()
