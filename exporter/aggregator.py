@@ -9,6 +9,7 @@ state when they are read, never on the per-event path.
 from __future__ import annotations
 
 import bisect
+import operator
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -234,9 +235,9 @@ class Aggregator:
         """Add (sign 1) or take back (sign -1) a call row everywhere: totals and windows."""
         latency_us = row[8]
         total = self.totals[row[1]]
-        for field, value in zip(_ROW_SOURCES, row_values := _window_row(row), strict=True):
-            if field is not None:
-                total[field] += value * sign
+        row_values = _window_row(row)
+        # The window-row fields are the first fields of a totals row, in the same order.
+        total[:ROW_FIELDS] = map(operator.add if sign > 0 else operator.sub, total, row_values)
         if latency_us is not None:
             total[HIST_OFFSET + bisect.bisect_left(_BOUNDS_US, latency_us)] += sign
         now_s = int(self.clock())
@@ -362,10 +363,6 @@ class Aggregator:
     def latency_sketch(self, name: str) -> LatencySketch:
         """The latency sketch of one window (for merging across views)."""
         return self.ring.window(WINDOWS[name])[1]
-
-
-#: Every window-row field is also a totals field at the same index.
-_ROW_SOURCES: Final = tuple(range(ROW_FIELDS))
 
 
 def _window_row(row: CallRow) -> list[int]:

@@ -142,22 +142,14 @@ class PricingTable:
         cache_creation_1h_tokens: int = 0,
     ) -> int | None:
         """Cost of one call in nano-dollars, or None when the model has no price."""
-        compiled = self._match(model)
-        if compiled is None:
-            return None
-        prompt = input_tokens + cache_creation_tokens + cache_read_tokens
-        threshold = compiled.long_threshold
-        rin, rout, rw5, rw1, rrd = (
-            compiled.long if threshold is not None and prompt > threshold else compiled.normal
-        )
-        pico = (
-            input_tokens * rin
-            + output_tokens * rout
-            + (cache_creation_tokens - cache_creation_1h_tokens) * rw5
-            + cache_creation_1h_tokens * rw1
-            + cache_read_tokens * rrd
-        )
-        return (pico + 500) // 1000
+        return self.price_call(
+            model,
+            input_tokens,
+            output_tokens,
+            cache_creation_tokens,
+            cache_read_tokens,
+            cache_creation_1h_tokens,
+        )[2]
 
     def price_call(
         self,
