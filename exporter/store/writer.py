@@ -244,7 +244,11 @@ class BatchWriter:
             self._wake.clear()
             if self._closing:
                 break
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:
+                # flush() keeps what it could not write; the loop must outlive any surprise.
+                log.exception("unexpected error in the writer; retrying at the next flush")
 
     async def close(self) -> None:
         """Stop the loop and write everything still pending (spilling it if writes fail)."""
@@ -271,8 +275,16 @@ class BatchWriter:
             except (sqlite3.Error, OSError) as exc:
                 # Put the batch on disk behind any earlier backlog, so order is kept.
                 self._failed(exc)
-                if len(batch):
-                    self._spill(batch)
+                try:
+                    if len(batch):
+                        self._spill(batch)
+                except OSError as spill_exc:
+                    # Neither the database nor the disk takes it: keep it in memory, in
+                    # order, and try again at the next flush; durable waiters keep waiting.
+                    self._failed(spill_exc)
+                    self._requeue(batch)
+                    self._waiters[:0] = waiters
+                    return
             else:
                 if len(batch):
                     self._flushes += 1
@@ -286,6 +298,14 @@ class BatchWriter:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+
+    def _requeue(self, batch: _Batch) -> None:
+        pending = self._pending
+        shift = len(batch.calls)
+        pending.request_ids = batch.request_ids + [(i + shift, r) for i, r in pending.request_ids]
+        pending.calls = batch.calls + pending.calls
+        pending.others = batch.others + pending.others
+        self._depth += len(batch)
 
     async def run_exclusive(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
         """Run maintenance (purge, vacuum) between flushes, never inside one."""

@@ -337,3 +337,30 @@ async def test_purge_drops_old_raw_calls_and_keeps_totals_and_rollups(tmp_path: 
     exporter = await Exporter.start(settings_for(tmp_path), clock=clock)
     assert exporter.aggregator.grand_total()[CALLS] == 3
     await exporter.close()
+
+
+async def test_when_neither_database_nor_spill_file_can_be_written_events_stay_queued(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    exporter = await Exporter.start(settings_for(tmp_path), clock=clock)
+    conn = exporter.writer.connection
+    async with conn.execute("PRAGMA page_count") as cur:
+        row = await cur.fetchone()
+    assert row is not None
+    await conn.execute(f"PRAGMA max_page_count = {row[0]}")
+    # The spill path is a directory: appending to it fails like a full disk would.
+    exporter.writer._spill_path = tmp_path / "not-a-file"
+    exporter.writer._spill_path.mkdir()
+    for i in range(3_000):
+        exporter.record(ApiCall(model="gpt-4o", input_tokens=1, request_id=f"k{i}"))
+    await exporter.flush()
+    assert exporter.health().queue_depth == 3_000
+    assert exporter.health().write_errors == 2
+    exporter.record(ApiCall(model="gpt-4o", input_tokens=1, request_id="last"))
+    await conn.execute("PRAGMA max_page_count = 1073741823")
+    await exporter.close()
+    assert db_totals(tmp_path / "metrics.db")[0] == 3_001
+    with sqlite3.connect(tmp_path / "metrics.db") as c:
+        last = c.execute("SELECT max(call_id) FROM request_ids WHERE request_id = 'last'")
+        assert last.fetchone()[0] == 3_001  # order kept: the requeued batch went first
