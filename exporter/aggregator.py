@@ -27,7 +27,7 @@ from exporter.events import (
     SystemEvent,
 )
 from exporter.pricing import PricingTable, nanos_to_usd, usd_to_nanos
-from exporter.sketch import LatencySketch, sketch_key
+from exporter.sketch import sketch_key
 from exporter.windows import (
     CACHE_CREATION,
     CACHE_READ,
@@ -126,6 +126,7 @@ class Aggregator:
         #: Label set <-> series id; the ids are the store's `series.id`.
         self.series_ids: dict[SeriesKey, int] = {}
         self.series_keys: dict[int, SeriesKey] = {}
+        self._next_series_id = 1
         #: Series created since the store last persisted them (the store drains this list).
         self.new_series: list[int] = []
         self.totals: dict[int, list[int]] = {}
@@ -292,8 +293,6 @@ class Aggregator:
         self.new_series.append(series_id)
         return series_id
 
-    _next_series_id = 1
-
     # -- restoring from the store -------------------------------------------------------------
 
     def restore_series(self, series_id: int, key: SeriesKey, totals: Iterable[int]) -> None:
@@ -344,25 +343,15 @@ class Aggregator:
             if into is None:
                 out[label] = list(row)
             else:
-                for i, value in enumerate(row):
-                    into[i] += value
+                add_row(into, row)
         return out
 
     def grand_total(self) -> list[int]:
         """Cumulative totals over every label set."""
         out = [0] * TOTAL_FIELDS
         for row in self.totals.values():
-            for i, value in enumerate(row):
-                out[i] += value
+            add_row(out, row)
         return out
-
-    def series(self) -> list[tuple[SeriesKey, list[int]]]:
-        """Every label set with its cumulative totals (for Prometheus and OTLP)."""
-        return [(self.series_keys[sid], row) for sid, row in self.totals.items()]
-
-    def latency_sketch(self, name: str) -> LatencySketch:
-        """The latency sketch of one window (for merging across views)."""
-        return self.ring.window(WINDOWS[name])[1]
 
 
 def _window_row(row: CallRow) -> list[int]:
