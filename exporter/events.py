@@ -41,7 +41,7 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 Label = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=_NO_CONTROL)]
 ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=_NO_CONTROL)]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
-# Bounds on floats also reject 1e999, which JSON decoders turn into infinity.
+# Upper bounds reject absurd values; msgspec itself refuses NaN and 1e999 in JSON.
 LatencyMs = Annotated[float, msgspec.Meta(ge=0, le=1e9)]
 Usd = Annotated[float, msgspec.Meta(ge=0, le=1e6)]
 Timestamp = Annotated[int, msgspec.Meta(ge=0)] | Annotated[datetime, msgspec.Meta(tz=True)]

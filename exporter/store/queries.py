@@ -7,7 +7,8 @@ from typing import Final
 import aiosqlite
 import msgspec
 
-from exporter.aggregator import TOTAL_FIELDS, Aggregator, CallRow
+from exporter.aggregator import HIST_OFFSET, TOTAL_FIELDS, Aggregator, CallRow
+from exporter.store.writer import CALL_COLUMNS
 from exporter.windows import RING_SECONDS
 
 __all__ = ["PurgeResult", "purge", "recent_request_ids", "restore"]
@@ -15,12 +16,7 @@ __all__ = ["PurgeResult", "purge", "recent_request_ids", "restore"]
 _TOTAL_COLUMNS: Final = (
     "calls, errors, input_tokens, output_tokens, cache_read_tokens, cache_creation_tokens,"
     " cost_nanos, savings_nanos, latency_us_sum, latency_count, "
-    + ", ".join(f"h{i}" for i in range(TOTAL_FIELDS - 10))
-)
-_CALL_COLUMNS: Final = (
-    "timestamp, series_id, session_id, input_tokens, output_tokens, cache_creation_tokens,"
-    " cache_creation_1h_tokens, cache_read_tokens, latency_us, cost_nanos, savings_nanos,"
-    " status, error_type"
+    + ", ".join(f"h{i}" for i in range(TOTAL_FIELDS - HIST_OFFSET))
 )
 
 
@@ -48,7 +44,7 @@ async def restore(conn: aiosqlite.Connection, aggregator: Aggregator, now_ms: in
     since = now_ms - RING_SECONDS * 1000
     refilled = 0
     async with conn.execute(
-        f"SELECT {_CALL_COLUMNS} FROM api_calls WHERE timestamp > ? ORDER BY timestamp", (since,)
+        f"SELECT {CALL_COLUMNS} FROM api_calls WHERE timestamp > ? ORDER BY timestamp", (since,)
     ) as cursor:
         async for row in cursor:
             call: CallRow = tuple(row)

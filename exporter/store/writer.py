@@ -28,20 +28,28 @@ from typing import Any, Final, TypeVar
 import aiosqlite
 import msgspec
 
-from exporter.aggregator import HIST_OFFSET, TOTAL_FIELDS, Aggregator, CallRow, counter_updates
+from exporter.aggregator import (
+    HIST_OFFSET,
+    HISTOGRAM_BOUNDS_S,
+    TOTAL_FIELDS,
+    Aggregator,
+    CallRow,
+    counter_updates,
+)
 from exporter.events import CacheHit, Event, event_from_dict, timestamp_ms
 
-__all__ = ["BatchWriter", "QueueFull", "WriterHealth"]
+__all__ = ["CALL_COLUMNS", "BatchWriter", "QueueFull", "WriterHealth"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_CALL_COLUMNS: Final = (
+#: api_calls columns in the order of a CallRow.
+CALL_COLUMNS: Final = (
     "timestamp, series_id, session_id, input_tokens, output_tokens, cache_creation_tokens,"
     " cache_creation_1h_tokens, cache_read_tokens, latency_us, cost_nanos, savings_nanos,"
     " status, error_type"
 )
-_INSERT_CALL: Final = f"INSERT INTO api_calls ({_CALL_COLUMNS}) VALUES ({', '.join('?' * 13)})"
+_INSERT_CALL: Final = f"INSERT INTO api_calls ({CALL_COLUMNS}) VALUES ({', '.join('?' * 13)})"
 _SUMS: Final = (
     ("calls", "count(*)"),
     ("errors", "sum(status)"),
@@ -69,8 +77,6 @@ ON CONFLICT (minute, series_id) DO UPDATE SET
 def _histogram_exprs() -> list[str]:
     # Counts per bucket, matching bisect_left over the bounds in the aggregator:
     # bucket i holds bounds[i-1] < latency <= bounds[i]; the last holds latency > bounds[-1].
-    from exporter.aggregator import HISTOGRAM_BOUNDS_S
-
     bounds = [round(b * 1_000_000) for b in HISTOGRAM_BOUNDS_S]
     exprs = [f"sum(latency_us <= {bounds[0]})"]
     exprs += [
@@ -180,7 +186,6 @@ class BatchWriter:
         self._lock = asyncio.Lock()
         self._closing = False
         self._spill_id: str | None = None
-        self._spill_lines = 0
         self._spill_events = 0
         self._flushes = 0
         self._written = 0
@@ -189,8 +194,6 @@ class BatchWriter:
         self._last_flush_seconds: float | None = None
         self._last_flush_events = 0
         self._last_error: str | None = None
-        #: Seconds each flush took, for the flush-duration histogram (bounded).
-        self.flush_seconds: list[float] = []
 
     # -- the per-event path -------------------------------------------------------------------
 
@@ -291,10 +294,7 @@ class BatchWriter:
                     self._written += written
                     self._last_flush_at = time.time()
                     self._last_flush_events = len(batch)
-                    elapsed = time.perf_counter() - started
-                    self._last_flush_seconds = elapsed
-                    if len(self.flush_seconds) < 10_000:
-                        self.flush_seconds.append(elapsed)
+                    self._last_flush_seconds = time.perf_counter() - started
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
@@ -417,11 +417,10 @@ class BatchWriter:
         keyed = [e for e in events if e.request_id is not None]
         stored: set[str] = set()
         if keyed:
-            stored_pairs = await self._stored(
+            stored = await self._stored(
                 "SELECT type || ':' || request_id FROM activity_events WHERE request_id IN ({})",
                 list({e.request_id for e in keyed if e.request_id is not None}),
             )
-            stored = stored_pairs
         duplicates: list[Event] = []
         rows: list[tuple[Any, ...]] = []
         counters: dict[tuple[str, str], int] = {}
@@ -517,7 +516,6 @@ class BatchWriter:
             out.write(line + b"\n")
             out.flush()
             os.fsync(out.fileno())
-        self._spill_lines += 1
         self._spill_events += len(batch)
 
     async def load_spill(self) -> int:
@@ -537,7 +535,6 @@ class BatchWriter:
                 self._aggregator.record_other(event, timestamp_ms(event))
             events += len(batch)
         self._spill_id = spill_id
-        self._spill_lines = max((n for n, _ in lines), default=0)
         self._spill_events = events
         if not events:
             self._spill_path.unlink()
@@ -597,5 +594,4 @@ class BatchWriter:
         self._spill_path.unlink(missing_ok=True)
         self._spill_id = None
         self._spill_events = 0
-        self._spill_lines = 0
         log.info("spill file replayed into the database")
