@@ -63,6 +63,11 @@ class Exporter:
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self.started_at = clock()
+        #: The exporter's own counters, for /metrics and health: (name, label values) -> count.
+        #: Names: events_ingested (source), events_rejected (reason), label_overflow (label),
+        #: otlp_exports (result: success|failure).
+        self.self_counters: dict[tuple[str, tuple[str, ...]], int] = {}
 
     @classmethod
     async def start(
@@ -131,6 +136,11 @@ class Exporter:
         if not self.writer.has_room(len(events)):
             raise QueueFull(f"no room for {len(events)} events")
         return sum(1 for event in events if self.record(event))
+
+    def count_self(self, name: str, labels: tuple[str, ...] = (), amount: int = 1) -> None:
+        """Add to one of the exporter's own counters (see `self_counters`)."""
+        key = (name, labels)
+        self.self_counters[key] = self.self_counters.get(key, 0) + amount
 
     async def wait_for_room(self, count: int = 1) -> None:
         """Wait until `count` events fit in the write queue."""

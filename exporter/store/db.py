@@ -11,7 +11,15 @@ import aiosqlite
 
 from exporter.pricing import Price, PricingTable
 
-__all__ = ["MIGRATIONS_DIR", "MigrationError", "connect", "load_pricing", "migrate"]
+__all__ = [
+    "MIGRATIONS_DIR",
+    "MigrationError",
+    "connect",
+    "load_pricing",
+    "migrate",
+    "reset_pricing",
+    "save_price",
+]
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parents[2] / "migrations"
 _MIGRATION_NAME: Final = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
@@ -83,6 +91,41 @@ async def load_pricing(conn: aiosqlite.Connection) -> PricingTable:
     async with conn.execute(f"SELECT {_PRICE_COLUMNS} FROM model_tiers") as cursor:
         rows = await cursor.fetchall()
     return PricingTable([_price(row) for row in rows])
+
+
+async def save_price(conn: aiosqlite.Connection, price: Price) -> None:
+    """Insert or replace one model's prices (committed at once)."""
+    placeholders = ", ".join("?" * len(_PRICE_COLUMNS.split(",")))
+    values = (
+        price.model,
+        price.provider,
+        price.tier,
+        price.input,
+        price.output,
+        price.cache_write_5m,
+        price.cache_write_1h,
+        price.cache_read,
+        price.long_context_threshold,
+        price.long_input,
+        price.long_output,
+        price.long_cache_write_5m,
+        price.long_cache_write_1h,
+        price.long_cache_read,
+    )
+    await conn.execute(
+        f"INSERT OR REPLACE INTO model_tiers ({_PRICE_COLUMNS}) VALUES ({placeholders})", values
+    )
+
+
+async def reset_pricing(conn: aiosqlite.Connection, directory: Path = MIGRATIONS_DIR) -> None:
+    """Put the shipped price table back (the seed migration's rows), dropping local changes."""
+    seed = (directory / "002_seed_pricing.sql").read_text(encoding="utf-8")
+    try:
+        await conn.executescript(f"BEGIN;\nDELETE FROM model_tiers;\n{seed}\nCOMMIT;")
+    except Exception:
+        if conn.in_transaction:
+            await conn.execute("ROLLBACK")
+        raise
 
 
 def _price(row: Any) -> Price:

@@ -1,0 +1,1 @@
+"""The ways out of the exporter: REST, SSE, Prometheus and OTLP, rendered from the aggregate."""
