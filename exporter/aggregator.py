@@ -78,12 +78,14 @@ CallRow = tuple[
 
 
 class WindowSnapshot(msgspec.Struct, frozen=True):
-    """Sums over one window, overall and per tier, with latency quantiles (ms)."""
+    """Sums over one window, overall, per tier and per label set, with latency quantiles (ms)."""
 
     window: str
     seconds: int
     total: list[int]
     by_tier: dict[str, list[int]]
+    #: Sums per series id (see `Aggregator.series_keys`), for breakdowns by any label.
+    by_series: dict[int, list[int]]
     p50_ms: float | None
     p95_ms: float | None
     p99_ms: float | None
@@ -130,6 +132,8 @@ class Aggregator:
         #: Series created since the store last persisted them (the store drains this list).
         self.new_series: list[int] = []
         self.totals: dict[int, list[int]] = {}
+        #: Newest call timestamp (ms) per series, for "last activity" views.
+        self.last_seen: dict[int, int] = {}
         #: Non-call event counts: (name, label values) -> count; see `record_other`.
         self.counters: dict[tuple[str, tuple[str, ...]], int] = {}
         self.recent: deque[Event] = deque(maxlen=recent_size)
@@ -190,6 +194,7 @@ class Aggregator:
             error,
             event.error_type,
         )
+        self.last_seen[series_id] = ts_ms
         total = self.totals[series_id]
         total[CALLS] += 1
         total[ERRORS] += error
@@ -212,9 +217,9 @@ class Aggregator:
             # The open second (or a client clock a little ahead): add in place, no allocation
             # beyond the first event of a tier in this second.
             bucket = ring.open
-            sums = bucket.rows.get(tier)
+            sums = bucket.rows.get(series_id)
             if sums is None:
-                sums = bucket.rows[tier] = [0] * ROW_FIELDS
+                sums = bucket.rows[series_id] = [0] * ROW_FIELDS
             sums[CALLS] += 1
             sums[ERRORS] += error
             sums[TOKENS_IN] += tokens_in
@@ -228,11 +233,11 @@ class Aggregator:
                 sums[LATENCY_COUNT] += 1
                 bucket.sketch.add_key(sketch_key(latency_us / 1000.0))
         else:
-            ring.add(ts_ms // 1000, tier, _window_row(row), _latency_key(latency_us), 1)
+            ring.add(ts_ms // 1000, series_id, _window_row(row), _latency_key(latency_us), 1)
         self.recent.append(event)
         return row
 
-    def _apply(self, row: CallRow, tier: str, sign: int) -> None:
+    def _apply(self, row: CallRow, sign: int) -> None:
         """Add (sign 1) or take back (sign -1) a call row everywhere: totals and windows."""
         latency_us = row[8]
         total = self.totals[row[1]]
@@ -243,11 +248,11 @@ class Aggregator:
             total[HIST_OFFSET + bisect.bisect_left(_BOUNDS_US, latency_us)] += sign
         now_s = int(self.clock())
         self.ring.advance(now_s)
-        self.ring.add(row[0] // 1000, tier, row_values, _latency_key(latency_us), sign)
+        self.ring.add(row[0] // 1000, row[1], row_values, _latency_key(latency_us), sign)
 
     def retract_call(self, row: CallRow) -> None:
         """Take back a call counted by `record_call` (the store found its request_id stored)."""
-        self._apply(row, self.series_keys[row[1]][2], -1)
+        self._apply(row, -1)
         self.duplicates += 1
 
     def record_other(self, event: Event, ts_ms: int) -> None:
@@ -312,13 +317,14 @@ class Aggregator:
 
     def restore_call(self, row: CallRow) -> None:
         """Count a call that was accepted but is not in SQLite yet (from a spill file)."""
-        self._apply(row, self.series_keys[row[1]][2], 1)
+        self._apply(row, 1)
 
     def restore_window(self, row: CallRow) -> None:
         """Put one stored call of the last 10 minutes back into the ring (not into totals)."""
         self.ring.advance(int(self.clock()))
-        tier = self.series_keys[row[1]][2]
-        self.ring.add(row[0] // 1000, tier, _window_row(row), _latency_key(row[8]), 1)
+        self.ring.add(row[0] // 1000, row[1], _window_row(row), _latency_key(row[8]), 1)
+        if row[0] > self.last_seen.get(row[1], -1):
+            self.last_seen[row[1]] = row[0]
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -326,24 +332,41 @@ class Aggregator:
         """Sums over the last 1m, 5m or 10m (by event timestamp), as of the clock's now."""
         seconds = WINDOWS[name]
         self.ring.advance(int(self.clock()))
-        by_tier, sketch = self.ring.window(seconds)
+        by_series, sketch = self.ring.window(seconds)
         total = [0] * ROW_FIELDS
-        for row in by_tier.values():
+        for row in by_series.values():
             add_row(total, row)
         p50, p95, p99 = sketch.quantiles(0.50, 0.95, 0.99)
-        return WindowSnapshot(name, seconds, total, by_tier, p50, p95, p99)
+        by_tier = self.group(by_series, "tier")
+        return WindowSnapshot(name, seconds, total, by_tier, by_series, p50, p95, p99)
 
-    def breakdown(self, by: Dimension) -> dict[str, list[int]]:
-        """Cumulative totals (histogram included) grouped by one label."""
+    def group(self, rows: dict[int, list[int]], by: Dimension) -> dict[str, list[int]]:
+        """Rows per series id summed by one label (a copy)."""
         index = _DIMENSION_INDEX[by]
+        keys = self.series_keys
         out: dict[str, list[int]] = {}
-        for series_id, row in self.totals.items():
-            label = self.series_keys[series_id][index]
+        for series_id, row in rows.items():
+            label = keys[series_id][index]
             into = out.get(label)
             if into is None:
                 out[label] = list(row)
             else:
                 add_row(into, row)
+        return out
+
+    def breakdown(self, by: Dimension) -> dict[str, list[int]]:
+        """Cumulative totals (histogram included) grouped by one label."""
+        return self.group(self.totals, by)
+
+    def last_activity(self, by: Dimension) -> dict[str, int]:
+        """Newest call timestamp (ms) per value of one label."""
+        index = _DIMENSION_INDEX[by]
+        keys = self.series_keys
+        out: dict[str, int] = {}
+        for series_id, ts in self.last_seen.items():
+            label = keys[series_id][index]
+            if ts > out.get(label, -1):
+                out[label] = ts
         return out
 
     def grand_total(self) -> list[int]:

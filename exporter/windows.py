@@ -1,10 +1,11 @@
 """Ring of 600 one-second buckets with incremental 1m / 5m / 10m window sums.
 
-Each bucket holds one row of sums per tier and a latency sketch. A window's sums cover its closed
+Each bucket holds one row of sums per label set (the aggregator's series id) and a latency sketch,
+so a window can be broken down by any label at read time. A window's sums cover its closed
 seconds and are kept incrementally: when a second closes its bucket is added to every window, and
 the bucket that falls out of a window is subtracted from it. Reading a window adds the open
-second's bucket, so a read costs O(tiers + sketch buckets), whatever the event rate, and a record
-touches only the open bucket.
+second's bucket, so a read costs O(active label sets + sketch buckets), whatever the event rate,
+and a record touches only the open bucket.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class _Bucket:
 
     def __init__(self) -> None:
         self.second = -1
-        self.rows: dict[str, list[int]] = {}
+        self.rows: dict[int, list[int]] = {}
         self.sketch = LatencySketch()
 
     def reset(self, second: int) -> None:
@@ -72,7 +73,7 @@ class WindowRing:
 
     def __init__(self, now_s: int) -> None:
         self._buckets = [_Bucket() for _ in range(RING_SECONDS)]
-        self._closed: list[dict[str, list[int]]] = [{} for _ in _SPANS]
+        self._closed: list[dict[int, list[int]]] = [{} for _ in _SPANS]
         self._closed_sketches = [LatencySketch() for _ in _SPANS]
         self.current = now_s
         self.open = self._buckets[now_s % RING_SECONDS]
@@ -96,7 +97,7 @@ class WindowRing:
         self.open.reset(now_s)
 
     def add(
-        self, second: int, tier: str, row: list[int], sketch_key: int | None, sign: int
+        self, second: int, series: int, row: list[int], sketch_key: int | None, sign: int
     ) -> bool:
         """Add (or, with sign -1, take back) one event's row at `second`.
 
@@ -111,45 +112,45 @@ class WindowRing:
         bucket = self._buckets[second % RING_SECONDS]
         if bucket.second != second:
             bucket.reset(second)
-        _add_to(bucket.rows, tier, row, sign)
+        _add_to(bucket.rows, series, row, sign)
         if sketch_key is not None:
             bucket.sketch.add_key(sketch_key, sign)
         if second < current:
             for index, span in enumerate(_SPANS):
                 if second > current - span:
-                    _add_to(self._closed[index], tier, row, sign)
+                    _add_to(self._closed[index], series, row, sign)
                     if sketch_key is not None:
                         self._closed_sketches[index].add_key(sketch_key, sign)
         return True
 
-    def window(self, span_s: int) -> tuple[dict[str, list[int]], LatencySketch]:
-        """Rows per tier and the latency sketch of the last `span_s` seconds (a copy)."""
+    def window(self, span_s: int) -> tuple[dict[int, list[int]], LatencySketch]:
+        """Rows per series and the latency sketch of the last `span_s` seconds (a copy)."""
         index = _SPANS.index(span_s)
-        rows = {tier: list(row) for tier, row in self._closed[index].items()}
-        for tier, row in self.open.rows.items():
-            _add_to(rows, tier, row, 1)
+        rows = {series: list(row) for series, row in self._closed[index].items()}
+        for series, row in self.open.rows.items():
+            _add_to(rows, series, row, 1)
         sketch = self._closed_sketches[index].copy()
         sketch.merge(self.open.sketch)
-        return {tier: row for tier, row in rows.items() if any(row)}, sketch
+        return {series: row for series, row in rows.items() if any(row)}, sketch
 
     def _close(self, second: int) -> None:
         closing = self._buckets[second % RING_SECONDS]
         if closing.second == second:
             for index in range(len(_SPANS)):
-                for tier, row in closing.rows.items():
-                    _add_to(self._closed[index], tier, row, 1)
+                for series, row in closing.rows.items():
+                    _add_to(self._closed[index], series, row, 1)
                 self._closed_sketches[index].merge(closing.sketch)
         following = second + 1
         for index, span in enumerate(_SPANS):
             leaving = self._buckets[(following - span) % RING_SECONDS]
             if leaving.second == following - span:
-                for tier, row in leaving.rows.items():
-                    _add_to(self._closed[index], tier, row, -1)
+                for series, row in leaving.rows.items():
+                    _add_to(self._closed[index], series, row, -1)
                 self._closed_sketches[index].merge(leaving.sketch, -1)
 
 
-def _add_to(rows: dict[str, list[int]], tier: str, row: list[int], sign: int) -> None:
-    into = rows.get(tier)
+def _add_to(rows: dict[int, list[int]], series: int, row: list[int], sign: int) -> None:
+    into = rows.get(series)
     if into is None:
-        into = rows[tier] = [0] * ROW_FIELDS
+        into = rows[series] = [0] * ROW_FIELDS
     add_row(into, row, sign)

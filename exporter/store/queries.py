@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import aiosqlite
 import msgspec
 
 from exporter.aggregator import HIST_OFFSET, TOTAL_FIELDS, Aggregator, CallRow
+from exporter.events import ApiCall, Event
 from exporter.store.writer import CALL_COLUMNS
 from exporter.windows import RING_SECONDS
 
-__all__ = ["PurgeResult", "purge", "recent_request_ids", "restore"]
+__all__ = [
+    "ACTIVITY_TYPES",
+    "HISTORY_DIMENSIONS",
+    "ActivityQuery",
+    "HistoryRow",
+    "PurgeResult",
+    "activity",
+    "history",
+    "purge",
+    "recent_request_ids",
+    "restore",
+]
+
+ACTIVITY_TYPES: Final = ("api_call", "cache_hit", "cache_miss", "error", "model_override", "system")
+HISTORY_DIMENSIONS: Final = ("provider", "model", "tier", "project", "agent")
+_CALL_EVENT_COLUMNS: Final = (
+    "s.provider, s.model, s.tier, s.project, NULLIF(s.agent, ''), c.session_id, r.request_id,"
+    " c.input_tokens, c.output_tokens, c.cache_creation_tokens, c.cache_creation_1h_tokens,"
+    " c.cache_read_tokens, c.latency_us, c.cost_nanos, c.status, c.error_type"
+)
 
 _TOTAL_COLUMNS: Final = (
     "calls, errors, input_tokens, output_tokens, cache_read_tokens, cache_creation_tokens,"
@@ -41,6 +61,11 @@ async def restore(conn: aiosqlite.Connection, aggregator: Aggregator, now_ms: in
         async for name, labels, value in cursor:
             label_values = tuple(msgspec.json.decode(labels, type=list[str]))
             aggregator.count(str(name), label_values, int(value))
+    async with conn.execute(
+        "SELECT series_id, max(minute) + 59999 FROM metrics_aggregated GROUP BY series_id"
+    ) as cursor:
+        async for series_id, last in cursor:
+            aggregator.last_seen[int(series_id)] = int(last)
     since = now_ms - RING_SECONDS * 1000
     refilled = 0
     async with conn.execute(
@@ -93,3 +118,130 @@ async def purge(
         await conn.execute("ROLLBACK")
         raise
     return PurgeResult(calls.rowcount, ids.rowcount, activity.rowcount, rollups.rowcount)
+
+
+class ActivityQuery(msgspec.Struct, frozen=True, kw_only=True):
+    """Filters of the activity log; times are epoch ms, both ends inclusive."""
+
+    limit: int = 100
+    offset: int = 0
+    type: str | None = None
+    project: str | None = None
+    from_ms: int | None = None
+    to_ms: int | None = None
+
+
+async def activity(conn: aiosqlite.Connection, query: ActivityQuery) -> tuple[list[Event], int]:
+    """Stored events, newest first, and how many match in all.
+
+    Calls come from `api_calls`, the other events from `activity_events`; both are filtered in
+    SQL with bound parameters, merged by timestamp, then paged.
+    """
+    parts: list[str] = []
+    params: list[object] = []
+    counts: list[tuple[str, list[object]]] = []
+    if query.type in (None, "api_call"):
+        where, values = _filters("c.timestamp", "s.project", query)
+        parts.append(
+            "SELECT c.timestamp AS ts, 0 AS src, c.id AS id, NULL AS payload,"
+            f" {_CALL_EVENT_COLUMNS} FROM api_calls c JOIN series s ON s.id = c.series_id"
+            f" LEFT JOIN request_ids r ON r.call_id = c.id{where}"
+        )
+        counts.append(
+            (f"SELECT count(*) FROM api_calls c JOIN series s ON s.id = c.series_id{where}", values)
+        )
+        params += values
+    if query.type != "api_call":
+        where, values = _filters("timestamp", "project", query)
+        if query.type is not None:
+            where += (" AND" if where else " WHERE") + " type = ?"
+            values.append(query.type)
+        nulls = ", ".join(["NULL"] * 16)
+        parts.append(
+            f"SELECT timestamp AS ts, 1 AS src, id, payload, {nulls} FROM activity_events{where}"
+        )
+        counts.append((f"SELECT count(*) FROM activity_events{where}", values))
+        params += values
+    sql = " UNION ALL ".join(parts) + " ORDER BY ts DESC, src, id DESC LIMIT ? OFFSET ?"
+    async with conn.execute(sql, (*params, query.limit, query.offset)) as cursor:
+        rows = await cursor.fetchall()
+    total = 0
+    for count_sql, values in counts:
+        async with conn.execute(count_sql, values) as cursor:
+            row = await cursor.fetchone()
+        total += int(row[0]) if row else 0
+    return [_stored_event(row) for row in rows], total
+
+
+def _filters(ts: str, project: str, query: ActivityQuery) -> tuple[str, list[object]]:
+    clauses: list[str] = []
+    values: list[object] = []
+    if query.project is not None:
+        clauses.append(f"{project} = ?")
+        values.append(query.project)
+    if query.from_ms is not None:
+        clauses.append(f"{ts} >= ?")
+        values.append(query.from_ms)
+    if query.to_ms is not None:
+        clauses.append(f"{ts} <= ?")
+        values.append(query.to_ms)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), values
+
+
+_EVENT_DECODER: Final = msgspec.json.Decoder(Event)
+
+
+def _stored_event(row: Any) -> Event:
+    if row[1] == 1:
+        event: Event = _EVENT_DECODER.decode(row[3])
+        return event
+    (provider, model, tier, project, agent, session_id, request_id) = row[4:11]
+    (tokens_in, tokens_out, cache_creation, cache_1h, cache_read) = row[11:16]
+    latency_us, cost_nanos, status, error_type = row[16:20]
+    return ApiCall(
+        timestamp=int(row[0]),
+        model=model,
+        provider=provider,
+        tier=tier,
+        project=project,
+        agent=agent,
+        session_id=session_id,
+        request_id=request_id,
+        input_tokens=tokens_in,
+        output_tokens=tokens_out,
+        cache_creation_tokens=cache_creation,
+        cache_creation_1h_tokens=cache_1h,
+        cache_read_tokens=cache_read,
+        latency_ms=None if latency_us is None else latency_us / 1000.0,
+        cost_usd=cost_nanos / 1e9,
+        status="error" if status else "ok",
+        error_type=error_type,
+    )
+
+
+class HistoryRow(msgspec.Struct, array_like=True):
+    """One step of one series: start (ms), label (or "all") and the window-row sums."""
+
+    start_ms: int
+    label: str
+    sums: list[int]
+
+
+async def history(
+    conn: aiosqlite.Connection, *, from_ms: int, to_ms: int, step_ms: int, by: str | None
+) -> list[HistoryRow]:
+    """Per-step sums from the per-minute rollups, grouped by one label or over everything."""
+    if by is not None and by not in HISTORY_DIMENSIONS:
+        raise ValueError(f"cannot group history by {by!r}")
+    label = f"s.{by}" if by else "'all'"
+    sql = (
+        f"SELECT (m.minute / ?) * ? AS start, {label} AS label, sum(m.calls), sum(m.errors),"
+        " sum(m.input_tokens), sum(m.output_tokens), sum(m.cache_read_tokens),"
+        " sum(m.cache_creation_tokens), sum(m.cost_nanos), sum(m.savings_nanos),"
+        " sum(m.latency_us_sum), sum(m.latency_count)"
+        " FROM metrics_aggregated m JOIN series s ON s.id = m.series_id"
+        " WHERE m.minute >= ? AND m.minute <= ? GROUP BY start, label ORDER BY label, start"
+    )
+    async with conn.execute(sql, (step_ms, step_ms, from_ms, to_ms)) as cursor:
+        rows = await cursor.fetchall()
+    return [HistoryRow(int(r[0]), str(r[1]), [int(v) for v in r[2:]]) for r in rows]
