@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 from litestar import Litestar, Request, Response, get
@@ -16,6 +18,9 @@ from litestar.openapi.config import OpenAPIConfig
 
 from exporter.engine import Exporter
 from exporter.settings import Settings
+from exporter.views.labels import LabelBounds
+from exporter.views.otlp import OtlpPusher, otlp_config, redact_endpoint
+from exporter.views.prometheus import metrics_registry, render
 from exporter.views.rest import READ_HANDLERS, WRITE_HANDLERS, error_handlers, read_guard
 from exporter.views.sse import stream
 
@@ -31,17 +36,30 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         exporter = await Exporter.start(settings, clock=clock)
         reader = await _open_reader(settings.db_path)
+        # One set of label bounds for /metrics and OTLP, so both fold the same values.
+        bounds = LabelBounds.from_settings(
+            settings, on_overflow=lambda label: exporter.count_self("label_overflow", (label,))
+        )
         app.state.exporter = exporter
         app.state.reader = reader
+        app.state.registry = metrics_registry(exporter, bounds)
         app.state.stopping = asyncio.Event()
+        otlp = otlp_config(settings)
+        app.state.otlp_enabled = otlp is not None
+        pusher = OtlpPusher(exporter, otlp, bounds) if otlp is not None else None
         heartbeat = asyncio.create_task(_heartbeat(exporter), name="cco-exporter-heartbeat")
         log.info(
-            "cco-exporter serving on %s:%s, database %s",
+            "cco-exporter serving on http://%s:%s, database %s, OTLP %s",
             settings.host,
             settings.port,
             settings.db_path,
+            "off"
+            if otlp is None
+            else f"to {redact_endpoint(otlp.endpoint)} every {otlp.interval_s:g}s",
         )
         try:
+            if pusher is not None:
+                pusher.start()
             yield
         finally:
             app.state.stopping.set()
@@ -49,7 +67,10 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
             await reader.close()
+            # The engine first, so the final OTLP export carries every accepted event.
             await exporter.close()
+            if pusher is not None:
+                await pusher.close()
             log.info("cco-exporter stopped; every accepted event is committed")
 
     cors = CORSConfig(allow_origins=settings.cors_origins) if settings.cors_origins else None
@@ -66,10 +87,10 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     return app
 
 
-@get("/metrics", guards=[read_guard], include_in_schema=False)
-async def metrics(request: Request) -> Response[bytes]:  # type: ignore[type-arg]
-    """Prometheus exposition (filled in by the Prometheus view)."""
-    return Response(b"", media_type="text/plain")
+@get("/metrics", guards=[read_guard], summary="Prometheus exposition (OpenMetrics on request)")
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    body, content_type = render(request.app.state.registry, request.headers.get("accept"))
+    return Response(body, media_type=content_type)
 
 
 async def _open_reader(path: str) -> aiosqlite.Connection:
@@ -117,4 +138,13 @@ def serve(settings: Settings) -> None:
         lifespan="on",
         timeout_graceful_shutdown=5,
     )
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
+    # that was installed before it started. A no-op handler there makes a graceful stop exit 0
+    # (systemd and container runtimes read anything else as a failure) instead of dying by it.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stopped)
     uvicorn.Server(config).run()
+
+
+def _stopped(signum: int, frame: object) -> None:
+    """Called once uvicorn has finished its graceful shutdown: nothing left to do."""

@@ -182,13 +182,17 @@ def decode_batch(body: bytes | str, *, single: bool | None = None) -> list[Event
         lines = [line for line in stripped.splitlines() if line.strip()]
         body = b"[" + b",".join(lines) + b"]"
     try:
-        events: list[Event] = (
-            _batch_decoder.decode(body)
-            if b'"type"' in body
-            else list(_call_batch_decoder.decode(body))
-        )
-    except msgspec.DecodeError as exc:
-        return _decode_slow(body, lines, exc)
+        try:
+            events: list[Event] = (
+                _batch_decoder.decode(body)
+                if b'"type"' in body
+                else list(_call_batch_decoder.decode(body))
+            )
+        except msgspec.DecodeError as exc:
+            return _decode_slow(body, lines, exc)
+    except UnicodeDecodeError as exc:
+        # msgspec checks UTF-8 inside strings and raises this, not a DecodeError.
+        raise EventValidationError([ItemError(0, None, f"invalid UTF-8: {exc.reason}")]) from None
     if not events:
         raise EventValidationError([ItemError(0, None, "the request holds no event")])
     return events

@@ -69,10 +69,11 @@ class LatencySketch:
         self.count = 0
 
     def quantile(self, q: float) -> float | None:
-        """The value at rank floor(q * (count - 1)) within the relative accuracy; None if empty."""
+        """The nearest-rank q-quantile (the ceil(q * count)-th smallest value) within the relative
+        accuracy; None if empty."""
         if self.count <= 0:
             return None
-        rank = math.floor(q * (self.count - 1))
+        rank = _rank(q, self.count)
         seen = 0
         for key in sorted(self.counts):
             seen += self.counts[key]
@@ -87,7 +88,7 @@ class LatencySketch:
         keys = sorted(self.counts)
         out: list[float | None] = []
         for q in qs:
-            rank = math.floor(q * (self.count - 1))
+            rank = _rank(q, self.count)
             seen = 0
             for key in keys:
                 seen += self.counts[key]
@@ -95,6 +96,11 @@ class LatencySketch:
                     out.append(_representative(key))
                     break
         return out
+
+
+def _rank(q: float, count: int) -> int:
+    """0-based rank of the nearest-rank quantile: p99 of three calls is the slowest one."""
+    return max(0, math.ceil(q * count) - 1)
 
 
 def _representative(key: int) -> float:

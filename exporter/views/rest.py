@@ -206,9 +206,6 @@ async def ingest(
             detail=str(exc),
             extra=[msgspec.structs.asdict(e) for e in exc.errors],
         ) from None
-    if not events:
-        exporter.count_self("events_rejected", ("empty",))
-        raise HTTPException(status_code=422, detail="the batch holds no events")
     if len(events) > exporter.writer.max_queue:
         exporter.count_self("events_rejected", ("too_large",), len(events))
         raise HTTPException(

@@ -44,7 +44,7 @@ steps_strategy = st.lists(
 
 def exact_quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[math.floor(q * (len(ordered) - 1))]
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]  # nearest rank
 
 
 @settings(

@@ -10,7 +10,7 @@ from exporter.sketch import RELATIVE_ACCURACY, LatencySketch
 
 def exact_quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[math.floor(q * (len(ordered) - 1))]
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]  # nearest rank
 
 
 @given(st.lists(st.floats(min_value=0.01, max_value=1e7), min_size=1, max_size=500))
