@@ -17,6 +17,7 @@ from litestar.config.cors import CORSConfig
 from litestar.openapi.config import OpenAPIConfig
 
 from exporter.engine import Exporter
+from exporter.logs import heartbeat_line
 from exporter.settings import Settings
 from exporter.views.labels import LabelBounds
 from exporter.views.otlp import OtlpPusher, otlp_config, redact_endpoint
@@ -106,17 +107,7 @@ async def _heartbeat(exporter: Exporter) -> None:
         return
     while True:
         await asyncio.sleep(interval)
-        snapshot = exporter.aggregator.window("1m")
-        health = exporter.health()
-        log.info(
-            "heartbeat: 1m calls=%d cost=$%.4f p95=%sms queue=%d spill=%d%s",
-            snapshot.calls,
-            snapshot.cost_usd,
-            "-" if snapshot.p95_ms is None else f"{snapshot.p95_ms:.0f}",
-            health.queue_depth,
-            health.spill_backlog,
-            " DEGRADED" if health.degraded else "",
-        )
+        log.info("%s", heartbeat_line(exporter))
 
 
 def _version() -> str:

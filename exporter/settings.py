@@ -2,14 +2,39 @@
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
+import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Final, Literal
 
 import msgspec
 
-__all__ = ["Settings", "default_config_dir", "default_data_dir"]
+__all__ = [
+    "CONFIG_ENV",
+    "ENV_PREFIX",
+    "Settings",
+    "SettingsError",
+    "default_config_dir",
+    "default_data_dir",
+    "env_name",
+    "load_settings",
+    "render_toml",
+    "settings_report",
+]
+
+#: Every field can be set from the environment as `CCO_EXPORTER_<FIELD>` (see `env_name`).
+ENV_PREFIX: Final = "CCO_EXPORTER_"
+#: Names the config file to read instead of `<config dir>/config.toml`.
+CONFIG_ENV: Final = "CCO_EXPORTER_CONFIG"
+#: Fields whose environment name is not simply the upper-cased field name.
+_ENV_ALIASES: Final = {"db_path": "CCO_EXPORTER_DB"}
+#: Fields whose value must never be printed.
+_SECRET_FIELDS: Final = frozenset({"token"})
+_MASK: Final = "***"
 
 
 def default_data_dir() -> Path:
@@ -115,12 +140,157 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for name in ("body_limit", "max_models", "max_projects", "max_agents", "max_label_values"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1")
-        if self.cache_ttl < 0 or self.otlp_interval < 0 or self.heartbeat_interval < 0:
-            raise ValueError("intervals must not be negative")
         if not self.otlp_timeout > 0:
             raise ValueError("`otlp_timeout` must be positive")
+        # A negative retention would put the purge cut-off in the future: everything would go.
+        for name in (
+            "cache_ttl",
+            "otlp_interval",
+            "heartbeat_interval",
+            "retention_days",
+            "rollup_retention_days",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must not be negative")
 
     @property
     def spill_path(self) -> Path:
         """The spill file beside the database."""
         return Path(self.db_path + ".spill.jsonl")
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value or an unknown name; the message names the field and its source
+    (a flag, an environment variable or the config file)."""
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets `field` (`port` -> `CCO_EXPORTER_PORT`)."""
+    return _ENV_ALIASES.get(field, ENV_PREFIX + field.upper())
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] = os.environ,
+    config_file: Path | None = None,
+) -> Settings:
+    """Effective settings: flags > `CCO_EXPORTER_*` environment > config.toml > defaults.
+
+    Flags whose value is None were not given. An empty environment variable counts as unset, so
+    `CCO_EXPORTER_TOKEN=${TOKEN:-}` in a compose file does not override the config file. The
+    config file is `config_file`, else `$CCO_EXPORTER_CONFIG`, else `<config dir>/config.toml`;
+    only the last may be missing. Raises SettingsError naming the field and where it came from.
+    """
+    types = {field.name: field.type for field in msgspec.structs.fields(Settings)}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    path, required = _config_path(config_file, environ)
+    for name, raw in _read_config(path, required, types).items():
+        where = f"{path}: {name}"
+        values[name] = _convert(raw, types[name], where, strict=True)
+        sources[name] = where
+
+    for name, kind in types.items():
+        variable = env_name(name)
+        text = environ.get(variable, "")
+        if not text:
+            continue
+        # A list comes from the environment comma-separated (CCO_EXPORTER_CORS_ORIGINS=a,b).
+        parsed: Any = (
+            [part.strip() for part in text.split(",") if part.strip()]
+            if kind == list[str]
+            else text
+        )
+        values[name] = _convert(parsed, kind, variable, strict=False)
+        sources[name] = variable
+
+    for name, raw in (flags or {}).items():
+        if raw is None:
+            continue
+        where = "--" + name.replace("_", "-")
+        if name not in types:
+            raise SettingsError(f"{where}: unknown setting{_did_you_mean(name, types)}")
+        values[name] = _convert(raw, types[name], where, strict=False)
+        sources[name] = where
+
+    for name in ("db_path", "log_file"):
+        if values.get(name):
+            values[name] = os.path.expanduser(values[name])
+    try:
+        return Settings(**values)
+    except ValueError as exc:
+        raise SettingsError(_with_source(str(exc), sources)) from None
+
+
+def settings_report(settings: Settings) -> dict[str, Any]:
+    """Every effective setting by name, as plain values, with secrets masked (`***` when set)."""
+    report: dict[str, Any] = msgspec.to_builtins(settings)
+    for name in _SECRET_FIELDS:
+        if report.get(name):
+            report[name] = _MASK
+    return report
+
+
+def render_toml(values: Mapping[str, Any]) -> str:
+    """Flat settings as `key = value` lines that config.toml accepts back.
+
+    tomli_w is not a dependency; flat strings, numbers, booleans and lists of strings are all a
+    settings file holds, and JSON's spelling of those is valid TOML.
+    """
+    lines = []
+    for name, value in values.items():
+        text = ("true" if value else "false") if isinstance(value, bool) else json.dumps(value)
+        lines.append(f"{name} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def _config_path(config_file: Path | None, environ: Mapping[str, str]) -> tuple[Path, bool]:
+    """The config file to read and whether it must exist (it must when someone named it)."""
+    if config_file is not None:
+        return config_file, True
+    named = environ.get(CONFIG_ENV, "")
+    if named:
+        return Path(named).expanduser(), True
+    return default_config_dir() / "config.toml", False
+
+
+def _read_config(path: Path, required: bool, types: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if required:
+            raise SettingsError(f"{path}: config file not found") from None
+        return {}
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    try:
+        table = msgspec.toml.decode(data)
+    except msgspec.DecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+    for name in table:
+        if name not in types:
+            raise SettingsError(f"{path}: unknown setting `{name}`{_did_you_mean(name, types)}")
+    return dict(table)
+
+
+def _convert(raw: Any, kind: Any, where: str, *, strict: bool) -> Any:
+    # strict=False lets the environment's strings become ints, floats and booleans; the config
+    # file is typed already, so a string there where a number belongs is an error.
+    try:
+        return msgspec.convert(raw, kind, strict=strict)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(f"{where}: {exc}") from None
+
+
+def _did_you_mean(name: str, known: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def _with_source(message: str, sources: Mapping[str, str]) -> str:
+    """Settings' own checks name fields in backticks; say where the first one named was set."""
+    for name in re.findall(r"`([a-z_0-9]+)`", message):
+        if name in sources:
+            return f"{sources[name]}: {message}"
+    return message
