@@ -5,7 +5,10 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
+import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -540,3 +543,19 @@ def test_health_reports_the_store(server: Server) -> None:
     assert health["spill_backlog"] == 0
     assert health["version"]
     assert not math.isnan(health["uptime_seconds"])
+
+
+def test_promtool_finds_no_problem_in_metrics(fed: Server) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is required under CI (Debian package prometheus)")
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    with fed.client() as client:
+        exposition = client.get("/metrics").content
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=exposition, capture_output=True, timeout=30
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.strip() == b""
+    assert checked.stderr.strip() == b""
