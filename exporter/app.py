@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
-from litestar import Litestar, Request, Response, get
+from litestar import Litestar, Request, Response, Router, get
 from litestar.config.cors import CORSConfig
 from litestar.openapi.config import OpenAPIConfig
 
@@ -22,7 +22,7 @@ from exporter.settings import Settings
 from exporter.views.labels import LabelBounds
 from exporter.views.otlp import OtlpPusher, otlp_config, redact_endpoint
 from exporter.views.prometheus import metrics_registry, render
-from exporter.views.rest import READ_HANDLERS, WRITE_HANDLERS, error_handlers, read_guard
+from exporter.views.rest import READ_HANDLERS, WRITE_HANDLERS, error_handlers, token_guard
 from exporter.views.sse import stream
 
 __all__ = ["create_app", "serve"]
@@ -74,9 +74,19 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
                 await pusher.close()
             log.info("cco-exporter stopped; every accepted event is committed")
 
+    token = settings.token
     cors = CORSConfig(allow_origins=settings.cors_origins) if settings.cors_origins else None
     app = Litestar(
-        route_handlers=[*READ_HANDLERS, *WRITE_HANDLERS, stream, metrics],
+        route_handlers=[
+            # Guards only where a token applies: an unguarded route skips Litestar's guard
+            # machinery (a copy of the handler per guard call) on the hot ingest path.
+            Router("/", route_handlers=WRITE_HANDLERS, guards=[token_guard] if token else []),
+            Router(
+                "/",
+                route_handlers=[*READ_HANDLERS, stream, metrics],
+                guards=[token_guard] if token and settings.auth_reads else [],
+            ),
+        ],
         lifespan=[lifespan],
         exception_handlers=error_handlers(),
         request_max_body_size=settings.body_limit,
@@ -88,7 +98,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     return app
 
 
-@get("/metrics", guards=[read_guard], summary="Prometheus exposition (OpenMetrics on request)")
+@get("/metrics", summary="Prometheus exposition (OpenMetrics on request)")
 async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     body, content_type = render(request.app.state.registry, request.headers.get("accept"))
     return Response(body, media_type=content_type)

@@ -76,7 +76,7 @@ from exporter.windows import (
     TOKENS_OUT,
 )
 
-__all__ = ["READ_HANDLERS", "WRITE_HANDLERS", "error_handlers", "read_guard", "write_guard"]
+__all__ = ["READ_HANDLERS", "WRITE_HANDLERS", "current_view", "error_handlers", "token_guard"]
 
 log = logging.getLogger("exporter.rest")
 
@@ -114,23 +114,16 @@ _TIER_PATTERN: Final = re.compile(r"^[A-Za-z0-9_.:@/+-]{1,200}$")
 
 def _check_token(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
     token: str = connection.app.state.settings.token
-    if not token:
-        return
     scheme, _, given = connection.headers.get("authorization", "").partition(" ")
     # compare_digest takes the same time wherever the first difference is.
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
         raise NotAuthorizedException("a valid bearer token is required (Authorization header)")
 
 
-def write_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Ingest and admin routes: the bearer token, when one is configured."""
+async def token_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """The bearer token; the app attaches this guard only to the routes that need it (async, so
+    Litestar does not hand it to a thread)."""
     _check_token(connection)
-
-
-def read_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Read routes: open unless `auth_reads` is set."""
-    if connection.app.state.settings.auth_reads:
-        _check_token(connection)
 
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
@@ -166,7 +159,6 @@ def _exporter(request: Request[Any, Any, Any]) -> Exporter:
 
 @post(
     "/api/events",
-    guards=[write_guard],
     status_code=202,
     summary="Ingest events: one JSON object, a JSON array, or NDJSON",
     raises=[ClientException, NotAuthorizedException, ValidationException],
@@ -249,7 +241,7 @@ def _gunzip(body: bytes, limit: int, exporter: Exporter) -> bytes:
 # -- seed 001: windows, tiers, recent, health ---------------------------------------------------
 
 
-@get("/api/metrics/stats", guards=[read_guard], cache=1, summary="Sums over a window, by tier")
+@get("/api/metrics/stats", cache=1, summary="Sums over a window, by tier")
 async def stats(
     request: Request[Any, Any, Any],
     window: Annotated[str, Parameter(pattern=_WINDOW_PATTERN, description="1m, 5m or 10m")] = "10m",
@@ -259,7 +251,7 @@ async def stats(
     return StatsResponse(summary=aggregated(snapshot), tiers=tiers)
 
 
-@get("/api/metrics/realtime", guards=[read_guard], cache=1, summary="Rates and the 1m window")
+@get("/api/metrics/realtime", cache=1, summary="Rates and the 1m window")
 async def realtime(request: Request[Any, Any, Any]) -> RealtimeResponse:
     snapshot = _exporter(request).aggregator.window("1m")
     total = snapshot.total
@@ -276,7 +268,6 @@ async def realtime(request: Request[Any, Any, Any]) -> RealtimeResponse:
 
 @get(
     "/api/metrics/tiers/{tier:str}",
-    guards=[read_guard],
     cache=1,
     summary="One tier over a window, with its models",
     raises=[NotFoundException],
@@ -311,7 +302,7 @@ async def tier_detail(
     )
 
 
-@get("/api/metrics/recent", guards=[read_guard], summary="The latest calls, newest first")
+@get("/api/metrics/recent", summary="The latest calls, newest first")
 async def recent(
     request: Request[Any, Any, Any],
     limit: Annotated[int, Parameter(ge=1, le=1000, description="1..1000")] = 20,
@@ -325,7 +316,7 @@ async def recent(
     return calls
 
 
-@get("/api/metrics/health", guards=[read_guard], summary="Is the exporter well; is SQLite?")
+@get("/api/metrics/health", summary="Is the exporter well; is SQLite?")
 async def health(request: Request[Any, Any, Any]) -> Health:
     exporter = _exporter(request)
     state = exporter.health()
@@ -409,12 +400,12 @@ def _machine(exporter: Exporter, grand: list[int], active_projects: int) -> Mach
     )
 
 
-@get("/api/metrics/current", guards=[read_guard], cache=1, summary="Project, machine, activity")
+@get("/api/metrics/current", cache=1, summary="Project, machine, activity")
 async def current(request: Request[Any, Any, Any]) -> CurrentView:
     return current_view(_exporter(request))
 
 
-@get("/api/metrics/projects", guards=[read_guard], cache=1, summary="Totals per project")
+@get("/api/metrics/projects", cache=1, summary="Totals per project")
 async def projects(request: Request[Any, Any, Any]) -> ProjectsResponse:
     aggregator = _exporter(request).aggregator
     last = aggregator.last_activity("project")
@@ -424,7 +415,7 @@ async def projects(request: Request[Any, Any, Any]) -> ProjectsResponse:
     return ProjectsResponse(projects=items)
 
 
-@get("/api/metrics/models", guards=[read_guard], cache=1, summary="Totals per model")
+@get("/api/metrics/models", cache=1, summary="Totals per model")
 async def models(request: Request[Any, Any, Any]) -> ModelsResponse:
     aggregator = _exporter(request).aggregator
     by_model: dict[tuple[str, str, str], list[int]] = {}
@@ -459,7 +450,6 @@ def _parse_time(value: str | None, name: str) -> int | None:
 
 @get(
     "/api/metrics/activity",
-    guards=[read_guard],
     summary="The stored activity log, newest first, filtered and paged",
 )
 async def activity_log(
@@ -495,7 +485,6 @@ async def activity_log(
 
 @get(
     "/api/metrics/history",
-    guards=[read_guard],
     cache=1,
     summary="Time series from the per-minute rollups",
 )
@@ -574,7 +563,7 @@ class PriceUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     long_cache_read: float | None = None
 
 
-@get("/api/pricing", guards=[read_guard], summary="The price table, USD per million tokens")
+@get("/api/pricing", summary="The price table, USD per million tokens")
 async def pricing_list(request: Request[Any, Any, Any]) -> PricingResponse:
     prices = sorted(_exporter(request).aggregator.pricing.prices(), key=lambda p: p.model)
     return PricingResponse(models=prices)
@@ -582,7 +571,6 @@ async def pricing_list(request: Request[Any, Any, Any]) -> PricingResponse:
 
 @put(
     "/api/pricing/{model:str}",
-    guards=[write_guard],
     summary="Set one model's prices (admin); applies to calls recorded from now on",
     raises=[NotAuthorizedException, ValidationException],
 )

@@ -11,7 +11,7 @@ from litestar import Request, get
 from litestar.response import ServerSentEvent
 
 from exporter.engine import Exporter
-from exporter.views.rest import current_view, read_guard
+from exporter.views.rest import current_view
 
 __all__ = ["stream"]
 
@@ -31,7 +31,6 @@ async def messages(exporter: Exporter, stopping: asyncio.Event) -> AsyncIterator
 
 @get(
     "/api/stream",
-    guards=[read_guard],
     summary="Server-Sent Events: the /current view once a second",
     media_type="text/event-stream",
 )
