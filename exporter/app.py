@@ -22,7 +22,13 @@ from exporter.settings import Settings
 from exporter.views.labels import LabelBounds
 from exporter.views.otlp import OtlpPusher, otlp_config, redact_endpoint
 from exporter.views.prometheus import metrics_registry, render
-from exporter.views.rest import READ_HANDLERS, WRITE_HANDLERS, error_handlers, token_guard
+from exporter.views.rest import (
+    READ_HANDLERS,
+    WRITE_HANDLERS,
+    document_ingest,
+    error_handlers,
+    token_guard,
+)
 from exporter.views.sse import stream
 
 __all__ = ["create_app", "serve"]
@@ -95,6 +101,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         logging_config=None,
     )
     app.state.settings = settings
+    document_ingest(app.openapi_schema)
     return app
 
 

@@ -75,7 +75,11 @@ def metrics_registry(exporter: Exporter, bounds: LabelBounds | None = None) -> C
 
 
 def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
-    """(body, content type): OpenMetrics when the Accept header asks for it, else text 0.0.4."""
+    """(body, content type): OpenMetrics when the Accept header asks for it, else text 0.0.4.
+
+    The format is negotiated by prometheus_client; the body is the one its encoder writes, built
+    faster by `_encode` whenever the requested name escaping leaves plain names unchanged.
+    """
     encoder, content_type = choose_encoder(accept or "")
     media_type, *params = (part.strip() for part in content_type.split(";"))
     escaping = next((p.partition("=")[2] for p in params if p.startswith("escaping=")), "")
@@ -422,7 +426,7 @@ def _family_lines(
             sample_name not in sample_names
             or sample.timestamp is not None
             or sample.exemplar is not None
-            # Read by name: prometheus-client before 0.21 has no native histograms.
+            # Read by name: older prometheus-client releases have no native histograms.
             or getattr(sample, "native_histogram", None) is not None
         ):
             return None

@@ -559,3 +559,16 @@ def test_promtool_finds_no_problem_in_metrics(fed: Server) -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.strip() == b""
     assert checked.stderr.strip() == b""
+
+
+def test_ingest_answers_only_post_and_checks_its_flag(server: Server) -> None:
+    with server.client() as client:
+        wrong_method = client.get("/api/events")
+        bad_flag = client.post("/api/events", json={"model": "m"}, params={"durable": "maybe"})
+        stats = client.get("/api/metrics/stats").json()["summary"]
+    assert wrong_method.status_code == 405
+    assert wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json()["status_code"] == 405
+    assert bad_flag.status_code == 400
+    assert "durable" in bad_flag.json()["detail"]
+    assert stats["total_calls"] == 0
