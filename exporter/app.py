@@ -14,6 +14,7 @@ from typing import Any
 import aiosqlite
 from litestar import Litestar, Request, Response, Router, get
 from litestar.config.cors import CORSConfig
+from litestar.config.response_cache import ResponseCacheConfig
 from litestar.openapi.config import OpenAPIConfig
 
 from exporter.engine import Exporter
@@ -97,6 +98,11 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         exception_handlers=error_handlers(),
         request_max_body_size=settings.body_limit,
         cors_config=cors,
+        # The heavy reads keep their answer `cache_ttl` seconds (dashboards poll every second).
+        response_cache_config=ResponseCacheConfig(
+            default_expiration=max(1, settings.cache_ttl),
+            cache_response_filter=lambda _, status: settings.cache_ttl > 0 and status < 300,
+        ),
         openapi_config=OpenAPIConfig(title="cco-exporter", version=_version(), path="/schema"),
         logging_config=None,
     )

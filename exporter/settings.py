@@ -88,8 +88,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Largest accepted request body in bytes (after gzip decompression); larger gets 413."""
     cors_origins: list[str] = msgspec.field(default_factory=list)
     """Origins allowed by CORS; empty means CORS is off."""
-    cache_ttl: float = 1.0
-    """Seconds a heavy read endpoint's answer is reused."""
+    cache_ttl: int = 1
+    """Whole seconds a heavy read endpoint's answer is reused; 0 turns the cache off."""
     machine: str = ""
     """Name of this machine in views; empty means the host name."""
 

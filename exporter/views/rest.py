@@ -371,7 +371,7 @@ def _gunzip(body: bytes, limit: int, exporter: Exporter) -> bytes:
 # -- seed 001: windows, tiers, recent, health ---------------------------------------------------
 
 
-@get("/api/metrics/stats", cache=1, summary="Sums over a window, by tier")
+@get("/api/metrics/stats", cache=True, summary="Sums over a window, by tier")
 async def stats(
     request: Request[Any, Any, Any],
     window: Annotated[str, Parameter(pattern=_WINDOW_PATTERN, description="1m, 5m or 10m")] = "10m",
@@ -381,7 +381,7 @@ async def stats(
     return StatsResponse(summary=aggregated(snapshot), tiers=tiers)
 
 
-@get("/api/metrics/realtime", cache=1, summary="Rates and the 1m window")
+@get("/api/metrics/realtime", cache=True, summary="Rates and the 1m window")
 async def realtime(request: Request[Any, Any, Any]) -> RealtimeResponse:
     snapshot = _exporter(request).aggregator.window("1m")
     total = snapshot.total
@@ -398,7 +398,7 @@ async def realtime(request: Request[Any, Any, Any]) -> RealtimeResponse:
 
 @get(
     "/api/metrics/tiers/{tier:str}",
-    cache=1,
+    cache=True,
     summary="One tier over a window, with its models",
     raises=[NotFoundException],
 )
@@ -530,12 +530,12 @@ def _machine(exporter: Exporter, grand: list[int], active_projects: int) -> Mach
     )
 
 
-@get("/api/metrics/current", cache=1, summary="Project, machine, activity")
+@get("/api/metrics/current", cache=True, summary="Project, machine, activity")
 async def current(request: Request[Any, Any, Any]) -> CurrentView:
     return current_view(_exporter(request))
 
 
-@get("/api/metrics/projects", cache=1, summary="Totals per project")
+@get("/api/metrics/projects", cache=True, summary="Totals per project")
 async def projects(request: Request[Any, Any, Any]) -> ProjectsResponse:
     aggregator = _exporter(request).aggregator
     last = aggregator.last_activity("project")
@@ -545,7 +545,7 @@ async def projects(request: Request[Any, Any, Any]) -> ProjectsResponse:
     return ProjectsResponse(projects=items)
 
 
-@get("/api/metrics/models", cache=1, summary="Totals per model")
+@get("/api/metrics/models", cache=True, summary="Totals per model")
 async def models(request: Request[Any, Any, Any]) -> ModelsResponse:
     aggregator = _exporter(request).aggregator
     by_model: dict[tuple[str, str, str], list[int]] = {}
@@ -615,7 +615,7 @@ async def activity_log(
 
 @get(
     "/api/metrics/history",
-    cache=1,
+    cache=True,
     summary="Time series from the per-minute rollups",
 )
 async def history_view(

@@ -572,3 +572,20 @@ def test_ingest_answers_only_post_and_checks_its_flag(server: Server) -> None:
     assert bad_flag.status_code == 400
     assert "durable" in bad_flag.json()["detail"]
     assert stats["total_calls"] == 0
+
+
+@pytest.mark.parametrize(("ttl", "calls_seen"), [("0", 2), ("60", 1)])
+def test_heavy_reads_are_cached_for_cache_ttl_seconds(
+    server_factory: type[Server], tmp_path: Path, ttl: str, calls_seen: int
+) -> None:
+    server = server_factory(tmp_path / "m.db", env={"CCO_EXPORTER_CACHE_TTL": ttl}).start()
+    event = {"model": "claude-haiku-4-5", "input_tokens": 1}
+    with server.client() as client:
+        _post(client, event)
+        first = client.get("/api/metrics/stats").json()["summary"]["total_calls"]
+        _post(client, event)
+        second = client.get("/api/metrics/stats").json()["summary"]["total_calls"]
+        live = client.get("/api/metrics/recent").json()
+    assert first == 1
+    assert second == calls_seen
+    assert len(live) == 2  # /recent is never cached
