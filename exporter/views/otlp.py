@@ -220,7 +220,11 @@ def snapshot(exporter: Exporter, bounds: LabelBounds) -> Snapshot:
     fold = bounds.fold
     keys = aggregator.series_keys
     points: Snapshot = {}
-    for series_id, row in aggregator.totals.items():
+    totals = aggregator.totals
+    # Series-id order, as /metrics walks them: with one shared LabelBounds, the values admitted
+    # under a cap are then the same whichever view asks first, and after a restart.
+    for series_id in sorted(totals):
+        row = totals[series_id]
         provider, model, tier, project, agent = keys[series_id]
         attributes: tuple[tuple[str, str], ...] = (
             ("gen_ai.operation.name", "chat"),

@@ -378,7 +378,8 @@ def _encode(
         lines = _family_lines(metric, openmetrics, escaped_values, plain_label_names)
         if lines is None:
             text = encoder(_OneFamily(metric)).decode()
-            out.append(text.removesuffix("# EOF\n"))
+            # OpenMetrics ends every body with `# EOF`; this family is not the end of ours.
+            out.append(text.removesuffix("# EOF\n") if openmetrics else text)
         else:
             out.extend(lines)
     if openmetrics:
