@@ -124,18 +124,17 @@ _TIER_PATTERN: Final = re.compile(r"^[A-Za-z0-9_.:@/+-]{1,200}$")
 # -- auth and errors -----------------------------------------------------------------------------
 
 
-def _check_token(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
-    token: str = connection.app.state.settings.token
-    scheme, _, given = connection.headers.get("authorization", "").partition(" ")
-    # compare_digest takes the same time wherever the first difference is.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-        raise NotAuthorizedException("a valid bearer token is required (Authorization header)")
-
-
 async def token_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """The bearer token; the app attaches this guard only to the routes that need it (async, so
     Litestar does not hand it to a thread)."""
-    _check_token(connection)
+    token: str = connection.app.state.settings.token
+    scheme, _space, given = connection.headers.get("authorization", "").partition(" ")
+    # compare_digest takes the same time wherever the first difference is.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        raise NotAuthorizedException(
+            "a valid bearer token is required (Authorization header)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:

@@ -467,6 +467,7 @@ def test_token_guards_ingest_and_admin_but_not_reads(
         read = anonymous.get("/api/metrics/stats")
         listed = anonymous.get("/api/pricing").json()["models"]
     assert denied.status_code == 401
+    assert denied.headers["www-authenticate"] == "Bearer"
     assert denied.json()["status_code"] == 401
     assert wrong.status_code == 401
     assert denied_price.status_code == 401
