@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -107,10 +108,8 @@ def server_factory(tmp_path: Path) -> Iterator[type[Server]]:
     yield _Tracked
     for server in started:
         # A graceful stop, so the server writes its coverage data; kill only if it hangs.
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             server.stop(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 @pytest.fixture
