@@ -164,7 +164,7 @@ def _simulate_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="post synthetic, realistic load to a running exporter",
         description="Post a realistic mix of events (Anthropic, OpenAI and Ollama models, "
-        "several projects and agents, cache use, ~2%% errors) at a steady rate.",
+        "several projects and agents, cache use, about 2 % errors) at a steady rate.",
     )
     simulate.add_argument("--rate", type=float, default=10.0, help="events per second (10)")
     simulate.add_argument(
