@@ -17,6 +17,7 @@ from typing import Final, Literal
 
 import msgspec
 
+from exporter.budget import SpendTracker
 from exporter.events import (
     ApiCall,
     CacheHit,
@@ -121,6 +122,7 @@ class Aggregator:
         *,
         clock: Callable[[], float] = time.time,
         recent_size: int = 1000,
+        budget_timezone: str = "",
     ) -> None:
         self.pricing = pricing
         self.clock = clock
@@ -140,6 +142,8 @@ class Aggregator:
         self.unpriced = 0
         self.duplicates = 0
         self.started_at = clock()
+        #: Spend per local day and project, for budgets (cache-hit savings are not spend).
+        self.spend = SpendTracker(budget_timezone, clock=clock)
 
     # -- the per-event path -------------------------------------------------------------------
 
@@ -175,10 +179,18 @@ class Aggregator:
         error = 1 if event.status == "error" else 0
         event.timestamp = ts_ms
 
-        key = (provider, model, tier, event.project, event.agent or "")
+        project = event.project
+        key = (provider, model, tier, project, event.agent or "")
         series_id = self.series_ids.get(key)
         if series_id is None:
             series_id = self._new_series(key)
+        # SpendTracker.add, inlined for a call made in the cached day (nearly every call).
+        spend = self.spend
+        if spend.day_start_ms <= ts_ms < spend.day_end_ms:
+            today = spend.today
+            today[project] = today.get(project, 0) + cost
+        else:
+            spend.add_other_day(ts_ms, project, cost)
         row = (
             ts_ms,
             series_id,
@@ -246,6 +258,7 @@ class Aggregator:
         total[:ROW_FIELDS] = map(operator.add if sign > 0 else operator.sub, total, row_values)
         if latency_us is not None:
             total[HIST_OFFSET + bisect.bisect_left(_BOUNDS_US, latency_us)] += sign
+        self.spend.add(row[0], self.series_keys[row[1]][3], sign * row[9])
         now_s = int(self.clock())
         self.ring.advance(now_s)
         self.ring.add(row[0] // 1000, row[1], row_values, _latency_key(latency_us), sign)

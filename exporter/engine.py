@@ -79,7 +79,12 @@ class Exporter:
         try:
             await migrate(conn)
             pricing = await load_pricing(conn)
-            aggregator = Aggregator(pricing, clock=clock, recent_size=settings.recent_size)
+            aggregator = Aggregator(
+                pricing,
+                clock=clock,
+                recent_size=settings.recent_size,
+                budget_timezone=settings.budget_timezone,
+            )
             await restore(conn, aggregator, int(clock() * 1000))
             seen = _SeenIds(settings.dedup_memory)
             for request_id in await recent_request_ids(conn, settings.dedup_memory):

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
+from zoneinfo import ZoneInfo
 
 import msgspec
 
 __all__ = [
     "CONFIG_ENV",
     "ENV_PREFIX",
+    "ProjectBudget",
     "Settings",
     "SettingsError",
     "default_config_dir",
@@ -53,6 +56,19 @@ def default_config_dir() -> Path:
         return default_data_dir()
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "cco"
+
+
+class ProjectBudget(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One project's budgets in US dollars (`[project_budgets.web]` in config.toml)."""
+
+    daily_usd: float = 0.0
+    """Spend allowed per day in the budget time zone; 0 means no daily budget."""
+    monthly_usd: float = 0.0
+    """Spend allowed per calendar month in the budget time zone; 0 means no monthly budget."""
+
+    def __post_init__(self) -> None:
+        for name in ("daily_usd", "monthly_usd"):
+            _check_amount(name, getattr(self, name))
 
 
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -125,6 +141,18 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     heartbeat_interval: float = 60.0
     """Seconds between heartbeat log lines with the 1-minute summary; 0 turns them off."""
 
+    # -- budgets -------------------------------------------------------------------------------
+    budget_daily_usd: float = 0.0
+    """Spend allowed per day over every project, US dollars; 0 means no daily budget."""
+    budget_monthly_usd: float = 0.0
+    """Spend allowed per calendar month over every project; 0 means no monthly budget."""
+    project_budgets: dict[str, ProjectBudget] = msgspec.field(default_factory=dict)
+    """Budgets of single projects, by project name; config.toml only (`[project_budgets.web]`,
+    `daily_usd = 5`)."""
+    budget_timezone: str = ""
+    """IANA time zone whose midnights start budget days and months (`Europe/Berlin`); empty
+    means this machine's zone."""
+
     def __post_init__(self) -> None:
         if not self.db_path:
             self.db_path = str(default_data_dir() / "metrics.db")
@@ -152,11 +180,35 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must not be negative")
+        for name in ("budget_daily_usd", "budget_monthly_usd"):
+            _check_amount(name, getattr(self, name))
+        for project in self.project_budgets:
+            # `__all__` names the budgets over every project in metrics and the REST answer.
+            if not project or project == "__all__":
+                raise ValueError(f"`project_budgets` may not name the project {project!r}")
+        if self.budget_timezone:
+            _check_zone(self.budget_timezone)
 
     @property
     def spill_path(self) -> Path:
         """The spill file beside the database."""
         return Path(self.db_path + ".spill.jsonl")
+
+
+def _check_amount(name: str, value: float) -> None:
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"`{name}` must be a finite amount of dollars, 0 or more")
+
+
+def _check_zone(name: str) -> None:
+    try:
+        ZoneInfo(name)
+    except (KeyError, ValueError, OSError):
+        # KeyError: no such zone; ValueError: not a key at all (an absolute or ../ path).
+        raise ValueError(
+            f"`budget_timezone` must be an IANA time zone name such as Europe/Berlin or UTC,"
+            f" got {name[:60]!r}"
+        ) from None
 
 
 class SettingsError(ValueError):
@@ -233,16 +285,23 @@ def settings_report(settings: Settings) -> dict[str, Any]:
 
 
 def render_toml(values: Mapping[str, Any]) -> str:
-    """Flat settings as `key = value` lines that config.toml accepts back.
+    """Settings as `key = value` lines that config.toml accepts back.
 
-    tomli_w is not a dependency; flat strings, numbers, booleans and lists of strings are all a
-    settings file holds, and JSON's spelling of those is valid TOML.
+    tomli_w is not a dependency; strings, numbers, booleans, lists and tables (as inline tables)
+    are all a settings file holds, and JSON's spelling of the scalars is valid TOML.
     """
-    lines = []
-    for name, value in values.items():
-        text = ("true" if value else "false") if isinstance(value, bool) else json.dumps(value)
-        lines.append(f"{name} = {text}")
-    return "\n".join(lines) + "\n"
+    return "".join(f"{name} = {_toml_value(value)}\n" for name, value in values.items())
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Mapping):
+        items = ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
+        return f"{{ {items} }}" if items else "{}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return json.dumps(value)
 
 
 def _config_path(config_file: Path | None, environ: Mapping[str, str]) -> tuple[Path, bool]:

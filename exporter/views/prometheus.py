@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from exporter.aggregator import HIST_OFFSET, HISTOGRAM_BOUNDS_S, SeriesKey
+from exporter.budget import ALL_PROJECTS, budget_lines, configured_budgets
 from exporter.engine import Exporter
 from exporter.pricing import nanos_to_usd
 from exporter.views.labels import LabelBounds
@@ -104,6 +105,7 @@ class ExporterCollector:
         # The self-metrics come last: folding the labels of this scrape may count new overflows.
         yield from self._call_families(self._folded_series())
         yield from self._event_families()
+        yield from self._budget_families()
         yield from self._self_families()
 
     # -- API calls --------------------------------------------------------------------------------
@@ -242,6 +244,48 @@ class ExporterCollector:
             "Free-form notes from clients (start, stop, configuration change).",
             value=counters.get(("system_events", ()), 0),
         )
+
+    # -- budgets ----------------------------------------------------------------------------------
+
+    def _budget_families(self) -> Iterator[Metric]:
+        exporter = self._exporter
+        lines = budget_lines(
+            exporter.aggregator.spend.snapshot(), configured_budgets(exporter.settings)
+        )
+        fold = self._bounds.fold
+        # Nano-USD per (period, published project); projects folded into __other__ add up.
+        budgets: dict[tuple[str, str], int] = {}
+        spends: dict[tuple[str, str], int] = {}
+        for line in lines:
+            project = line.project
+            key = (line.period, project if project == ALL_PROJECTS else fold("project", project))
+            spends[key] = spends.get(key, 0) + line.spend_nanos
+            if line.budget_nanos is not None:
+                budgets[key] = budgets.get(key, 0) + line.budget_nanos
+        labels = ("period", "project")
+        budget_family = GaugeMetricFamily(
+            "cco_budget_usd",
+            "Configured spend budget of the current day or calendar month, in US dollars.",
+            labels=labels,
+        )
+        spend_family = GaugeMetricFamily(
+            "cco_llm_spend_usd",
+            "Cost of LLM API calls stamped in the current day or calendar month (budget time "
+            "zone), in US dollars.",
+            labels=labels,
+        )
+        remaining_family = GaugeMetricFamily(
+            "cco_budget_remaining_usd",
+            "Budget minus spend in the current day or calendar month, in US dollars; negative "
+            "once exceeded.",
+            labels=labels,
+        )
+        for values, spend in spends.items():
+            spend_family.add_metric(values, nanos_to_usd(spend))
+        for values, budget in budgets.items():
+            budget_family.add_metric(values, nanos_to_usd(budget))
+            remaining_family.add_metric(values, nanos_to_usd(budget - spends[values]))
+        yield from (budget_family, spend_family, remaining_family)
 
     # -- the exporter itself ----------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from litestar.openapi.spec import OpenAPI, PathItem, Schema
 from litestar.params import Parameter
 from litestar.types import HTTPResponseStartEvent, HTTPScope, Receive, Scope, Send
 
+from exporter.budget import configured_budgets
 from exporter.engine import Exporter
 from exporter.events import ApiCall, Event, EventValidationError, decode_batch
 from exporter.pricing import Price, infer_provider, tier_by_name
@@ -41,6 +42,7 @@ from exporter.store.db import save_price
 from exporter.store.queries import ACTIVITY_TYPES, ActivityQuery, activity, history
 from exporter.views.shapes import (
     ActivityPage,
+    BudgetResponse,
     CurrentRate,
     CurrentView,
     ErrorBody,
@@ -59,6 +61,7 @@ from exporter.views.shapes import (
     TierDetail,
     activity_event,
     aggregated,
+    budget_response,
     iso,
     model_metrics,
     project_metrics,
@@ -671,6 +674,21 @@ async def history_view(
     )
 
 
+# -- budgets -------------------------------------------------------------------------------------
+
+
+@get(
+    "/api/metrics/budget",
+    cache=True,
+    summary="Spend in the current day and month against the budgets",
+)
+async def budget(request: Request[Any, Any, Any]) -> BudgetResponse:
+    exporter = _exporter(request)
+    return budget_response(
+        exporter.aggregator.spend.snapshot(), configured_budgets(exporter.settings)
+    )
+
+
 # -- pricing -------------------------------------------------------------------------------------
 
 
@@ -737,6 +755,7 @@ READ_HANDLERS: Final = [
     models,
     activity_log,
     history_view,
+    budget,
     pricing_list,
 ]
 WRITE_HANDLERS: Final = [ingest, pricing_set]

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import msgspec
 
 from exporter.aggregator import Aggregator, WindowSnapshot
+from exporter.budget import Period, SpendSnapshot, budget_lines, projected_nanos
 from exporter.events import (
     ApiCall,
     CacheHit,
@@ -43,6 +44,9 @@ __all__ = [
     "ActivityEvent",
     "ActivityPage",
     "AggregatedMetrics",
+    "BudgetPeriod",
+    "BudgetResponse",
+    "BudgetStatus",
     "CurrentRate",
     "CurrentView",
     "ErrorBody",
@@ -66,6 +70,7 @@ __all__ = [
     "TierModel",
     "activity_event",
     "aggregated",
+    "budget_response",
     "cache_hit_rate",
     "iso",
     "model_metrics",
@@ -363,6 +368,42 @@ class PricingResponse(msgspec.Struct):
     models: list[Price]
 
 
+class BudgetPeriod(msgspec.Struct):
+    """The current day or month in the budget time zone: RFC 3339 with the zone's offset, and
+    epoch ms; `end` is the start of the next period."""
+
+    start: str
+    end: str
+    start_ms: int
+    end_ms: int
+
+
+class BudgetStatus(msgspec.Struct):
+    """Spend of one project (or `__all__`) in one period, against its budget in US dollars.
+
+    Without a budget for the period, `budget_usd`, `remaining_usd` and `used_percent` are null.
+    `projected_usd` is the spend at the period's end if it goes on at the rate so far.
+    """
+
+    project: str
+    period: Period
+    budget_usd: float | None
+    spend_usd: float
+    remaining_usd: float | None
+    used_percent: float | None
+    projected_usd: float
+
+
+class BudgetResponse(msgspec.Struct):
+    """`/api/metrics/budget`: the periods, then `__all__` (day, month), then each project with a
+    budget (day, month), by name."""
+
+    timezone: str
+    day: BudgetPeriod
+    month: BudgetPeriod
+    budgets: list[BudgetStatus]
+
+
 # -- builders ------------------------------------------------------------------------------------
 
 
@@ -396,6 +437,38 @@ def aggregated(snapshot: WindowSnapshot) -> AggregatedMetrics:
         total_cache_creation_tokens=total[CACHE_CREATION],
         cache_savings_usd=nanos_to_usd(total[SAVINGS]),
     )
+
+
+def budget_response(
+    snapshot: SpendSnapshot, budgets: dict[str, dict[Period, int]]
+) -> BudgetResponse:
+    """Spend in the current day and month against `budgets` (see `configured_budgets`)."""
+    statuses = []
+    for line in budget_lines(snapshot, budgets):
+        budget, remaining = line.budget_nanos, line.remaining_nanos
+        statuses.append(
+            BudgetStatus(
+                project=line.project,
+                period=line.period,
+                budget_usd=None if budget is None else nanos_to_usd(budget),
+                spend_usd=nanos_to_usd(line.spend_nanos),
+                remaining_usd=None if remaining is None else nanos_to_usd(remaining),
+                # From the integers: 3.2 of 10 dollars is 32.0 percent, not 32.000000000000004.
+                used_percent=None if budget is None else line.spend_nanos * 100 / budget,
+                projected_usd=nanos_to_usd(projected_nanos(line, snapshot)),
+            )
+        )
+    return BudgetResponse(
+        timezone=snapshot.timezone,
+        day=_budget_period(snapshot, "day"),
+        month=_budget_period(snapshot, "month"),
+        budgets=statuses,
+    )
+
+
+def _budget_period(snapshot: SpendSnapshot, period: Period) -> BudgetPeriod:
+    start, end = snapshot.bounds(period)
+    return BudgetPeriod(snapshot.local_iso(start), snapshot.local_iso(end), start, end)
 
 
 def tier_metrics(tier: str, row: list[int]) -> TierMetrics:

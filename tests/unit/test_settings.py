@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from exporter.settings import (
+    ProjectBudget,
     Settings,
     SettingsError,
     default_config_dir,
@@ -210,3 +211,83 @@ def test_settings_reject_nonsense(field: str, value: float) -> None:
 def test_the_queue_bound_must_hold_a_batch() -> None:
     with pytest.raises(ValueError, match="max_queue"):
         Settings(batch_size=100, max_queue=10)
+
+
+# -- budgets --------------------------------------------------------------------------------------
+
+
+def test_budgets_come_from_the_environment_and_project_budgets_from_the_file(
+    tmp_path: Path,
+) -> None:
+    config = write_toml(
+        tmp_path / "c.toml",
+        "budget_monthly_usd = 100\n"
+        "[project_budgets.web]\ndaily_usd = 5\n"
+        '[project_budgets."api v2"]\ndaily_usd = 1.5\nmonthly_usd = 30\n',
+    )
+    settings = load_settings(
+        environ={
+            "CCO_EXPORTER_BUDGET_DAILY_USD": "10",
+            "CCO_EXPORTER_BUDGET_MONTHLY_USD": "250.5",
+            "CCO_EXPORTER_BUDGET_TIMEZONE": "Europe/Berlin",
+        },
+        config_file=config,
+    )
+    assert settings.budget_daily_usd == 10.0
+    assert settings.budget_monthly_usd == 250.5
+    assert settings.budget_timezone == "Europe/Berlin"
+    assert settings.project_budgets == {
+        "web": ProjectBudget(daily_usd=5.0),
+        "api v2": ProjectBudget(daily_usd=1.5, monthly_usd=30.0),
+    }
+    defaults = Settings()
+    assert (defaults.budget_daily_usd, defaults.budget_monthly_usd) == (0.0, 0.0)
+    assert (defaults.project_budgets, defaults.budget_timezone) == ({}, "")
+
+
+def test_settings_with_project_budgets_render_as_toml_that_loads_back(tmp_path: Path) -> None:
+    settings = Settings(
+        db_path=str(tmp_path / "m.db"),
+        budget_daily_usd=2.5,
+        budget_timezone="Asia/Kolkata",
+        project_budgets={"web": ProjectBudget(daily_usd=5), 'odd "name"': ProjectBudget()},
+    )
+    text = render_toml(settings_report(settings))
+    assert tomllib.loads(text)["project_budgets"]["web"] == {"daily_usd": 5.0, "monthly_usd": 0.0}
+    config = write_toml(tmp_path / "round.toml", text)
+    assert load_settings(environ={}, config_file=config) == settings
+    assert "project_budgets = {}" in render_toml(settings_report(Settings()))
+
+
+def test_an_unknown_budget_timezone_names_where_it_was_set(tmp_path: Path) -> None:
+    with pytest.raises(
+        SettingsError,
+        match=r"^CCO_EXPORTER_BUDGET_TIMEZONE: `budget_timezone` must be an IANA time zone name"
+        r" such as Europe/Berlin or UTC, got 'Mars/Olympus'$",
+    ):
+        load_settings(environ={"CCO_EXPORTER_BUDGET_TIMEZONE": "Mars/Olympus"})
+    config = write_toml(tmp_path / "c.toml", 'budget_timezone = "/etc/passwd"\n')
+    with pytest.raises(SettingsError, match=rf"^{config}: budget_timezone: `budget_timezone`"):
+        load_settings(environ={}, config_file=config)
+
+
+@pytest.mark.parametrize("value", ["-1", "inf", "nan"])
+def test_a_negative_or_endless_budget_is_refused(value: str) -> None:
+    with pytest.raises(SettingsError, match=r"^CCO_EXPORTER_BUDGET_DAILY_USD: `budget_daily_usd`"):
+        load_settings(environ={"CCO_EXPORTER_BUDGET_DAILY_USD": value})
+
+
+def test_a_bad_project_budget_names_the_file_and_the_field(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "c.toml", "[project_budgets.web]\ndaily = 5\n")
+    with pytest.raises(SettingsError) as raised:
+        load_settings(environ={}, config_file=config)
+    assert str(raised.value) == (
+        f"{config}: project_budgets: Object contains unknown field `daily` - at `$[...]`"
+    )
+    config = write_toml(tmp_path / "c.toml", "[project_budgets.web]\nmonthly_usd = -5\n")
+    with pytest.raises(SettingsError, match=r"`monthly_usd` must be a finite amount"):
+        load_settings(environ={}, config_file=config)
+    # `__all__` stands for every project in the budget metrics.
+    config = write_toml(tmp_path / "c.toml", '[project_budgets."__all__"]\ndaily_usd = 5\n')
+    with pytest.raises(SettingsError, match="`project_budgets` may not name the project '__all__'"):
+        load_settings(environ={}, config_file=config)
