@@ -61,6 +61,9 @@ HISTOGRAM_BOUNDS_S: Final = (
     0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
 )  # fmt: skip
 _BOUNDS_US: Final = tuple(round(b * 1_000_000) for b in HISTOGRAM_BOUNDS_S)
+#: The per-series minute ring: ten one-minute slots; windows of 1, 5 and 10 slots (open included).
+_MINUTE_SLOTS: Final = 10
+_MINUTE_SPANS: Final = (1, 5, 10)
 #: Cumulative rows: the window row layout followed by one count per histogram bucket (+Inf last).
 HIST_OFFSET: Final = ROW_FIELDS
 TOTAL_FIELDS: Final = ROW_FIELDS + len(HISTOGRAM_BOUNDS_S) + 1
@@ -85,7 +88,8 @@ class WindowSnapshot(msgspec.Struct, frozen=True):
     seconds: int
     total: list[int]
     by_tier: dict[str, list[int]]
-    #: Sums per series id (see `Aggregator.series_keys`), for breakdowns by any label.
+    #: Sums per series id (see `Aggregator.series_keys`), for breakdowns by any label; at
+    #: minute resolution: the current minute and the 0, 4 or 9 minutes before it.
     by_series: dict[int, list[int]]
     p50_ms: float | None
     p95_ms: float | None
@@ -126,7 +130,11 @@ class Aggregator:
     ) -> None:
         self.pricing = pricing
         self.clock = clock
-        self.ring = WindowRing(int(clock()))
+        now_s = int(clock())
+        #: One-second buckets keyed by tier: the 1m / 5m / 10m windows and their percentiles.
+        self.ring: WindowRing[str] = WindowRing(now_s)
+        #: One-minute buckets keyed by series id: a window broken down by any label.
+        self.minutes: WindowRing[int] = WindowRing(now_s // 60, _MINUTE_SLOTS, _MINUTE_SPANS)
         #: Label set <-> series id; the ids are the store's `series.id`.
         self.series_ids: dict[SeriesKey, int] = {}
         self.series_keys: dict[int, SeriesKey] = {}
@@ -229,23 +237,31 @@ class Aggregator:
             # The open second (or a client clock a little ahead): add in place, no allocation
             # beyond the first event of a tier in this second.
             bucket = ring.open
-            sums = bucket.rows.get(series_id)
+            sums = bucket.rows.get(tier)
             if sums is None:
-                sums = bucket.rows[series_id] = [0] * ROW_FIELDS
-            sums[CALLS] += 1
-            sums[ERRORS] += error
-            sums[TOKENS_IN] += tokens_in
-            sums[TOKENS_OUT] += tokens_out
-            sums[CACHE_READ] += cache_read
-            sums[CACHE_CREATION] += cache_creation
-            sums[COST] += cost
-            sums[SAVINGS] += savings
+                sums = bucket.rows[tier] = [0] * ROW_FIELDS
+            _add_call(sums, error, tokens_in, tokens_out, cache_read, cache_creation, cost, savings)
             if latency_us is not None:
                 sums[LATENCY_SUM] += latency_us
                 sums[LATENCY_COUNT] += 1
                 bucket.sketch.add_key(sketch_key(latency_us / 1000.0))
         else:
-            ring.add(ts_ms // 1000, series_id, _window_row(row), _latency_key(latency_us), 1)
+            ring.add(ts_ms // 1000, tier, _window_row(row), _latency_key(latency_us), 1)
+        minutes = self.minutes
+        now_m = now_s // 60
+        if now_m > minutes.current:
+            minutes.advance(now_m)
+        if ts_ms // 60_000 >= now_m:
+            rows = minutes.open.rows
+            sums = rows.get(series_id)
+            if sums is None:
+                sums = rows[series_id] = [0] * ROW_FIELDS
+            _add_call(sums, error, tokens_in, tokens_out, cache_read, cache_creation, cost, savings)
+            if latency_us is not None:
+                sums[LATENCY_SUM] += latency_us
+                sums[LATENCY_COUNT] += 1
+        else:
+            minutes.add(ts_ms // 60_000, series_id, _window_row(row), None, 1)
         self.recent.append(event)
         return row
 
@@ -259,9 +275,15 @@ class Aggregator:
         if latency_us is not None:
             total[HIST_OFFSET + bisect.bisect_left(_BOUNDS_US, latency_us)] += sign
         self.spend.add(row[0], self.series_keys[row[1]][3], sign * row[9])
+        self._window_add(row, row_values, sign)
+
+    def _window_add(self, row: CallRow, values: list[int], sign: int) -> None:
         now_s = int(self.clock())
         self.ring.advance(now_s)
-        self.ring.add(row[0] // 1000, row[1], row_values, _latency_key(latency_us), sign)
+        tier = self.series_keys[row[1]][2]
+        self.ring.add(row[0] // 1000, tier, values, _latency_key(row[8]), sign)
+        self.minutes.advance(now_s // 60)
+        self.minutes.add(row[0] // 60_000, row[1], values, None, sign)
 
     def retract_call(self, row: CallRow) -> None:
         """Take back a call counted by `record_call` (the store found its request_id stored)."""
@@ -334,8 +356,7 @@ class Aggregator:
 
     def restore_window(self, row: CallRow) -> None:
         """Put one stored call of the last 10 minutes back into the ring (not into totals)."""
-        self.ring.advance(int(self.clock()))
-        self.ring.add(row[0] // 1000, row[1], _window_row(row), _latency_key(row[8]), 1)
+        self._window_add(row, _window_row(row), 1)
         if row[0] > self.last_seen.get(row[1], -1):
             self.last_seen[row[1]] = row[0]
 
@@ -344,13 +365,15 @@ class Aggregator:
     def window(self, name: str = "10m") -> WindowSnapshot:
         """Sums over the last 1m, 5m or 10m (by event timestamp), as of the clock's now."""
         seconds = WINDOWS[name]
-        self.ring.advance(int(self.clock()))
-        by_series, sketch = self.ring.window(seconds)
+        now_s = int(self.clock())
+        self.ring.advance(now_s)
+        by_tier, sketch = self.ring.window(seconds)
         total = [0] * ROW_FIELDS
-        for row in by_series.values():
+        for row in by_tier.values():
             add_row(total, row)
         p50, p95, p99 = sketch.quantiles(0.50, 0.95, 0.99)
-        by_tier = self.group(by_series, "tier")
+        self.minutes.advance(now_s // 60)
+        by_series, _ = self.minutes.window(_MINUTE_SPANS[list(WINDOWS).index(name)])
         return WindowSnapshot(name, seconds, total, by_tier, by_series, p50, p95, p99)
 
     def group(self, rows: dict[int, list[int]], by: Dimension) -> dict[str, list[int]]:
@@ -388,6 +411,27 @@ class Aggregator:
         for row in self.totals.values():
             add_row(out, row)
         return out
+
+
+def _add_call(
+    sums: list[int],
+    error: int,
+    tokens_in: int,
+    tokens_out: int,
+    cache_read: int,
+    cache_creation: int,
+    cost: int,
+    savings: int,
+) -> None:
+    """Add one call's counts to a row of sums in place (latency is added by the caller)."""
+    sums[CALLS] += 1
+    sums[ERRORS] += error
+    sums[TOKENS_IN] += tokens_in
+    sums[TOKENS_OUT] += tokens_out
+    sums[CACHE_READ] += cache_read
+    sums[CACHE_CREATION] += cache_creation
+    sums[COST] += cost
+    sums[SAVINGS] += savings
 
 
 def _window_row(row: CallRow) -> list[int]:

@@ -1,19 +1,25 @@
-"""Ring of 600 one-second buckets with incremental 1m / 5m / 10m window sums.
+"""Rings of time buckets with incremental window sums: 600 one-second buckets for 1m / 5m / 10m.
 
-Each bucket holds one row of sums per label set (the aggregator's series id) and a latency sketch,
-so a window can be broken down by any label at read time. A window's sums cover its closed
-seconds and are kept incrementally: when a second closes its bucket is added to every window, and
-the bucket that falls out of a window is subtracted from it. Reading a window adds the open
-second's bucket, so a read costs O(active label sets + sketch buckets), whatever the event rate,
-and a record touches only the open bucket.
+Each bucket holds one row of sums per key and a latency sketch. The aggregator keeps two rings:
+one-second buckets keyed by tier (the windows themselves), and ten one-minute buckets keyed by
+label set (breakdowns of a window by any label, at minute resolution). Keying the one-second ring
+by label set would cost a row per active label set per second: ~200 MB at 1,000 label sets.
+
+A window's sums cover its closed slots and are kept incrementally: when a slot closes its bucket
+is added to every window, and the bucket that falls out of a window is subtracted from it.
+Reading a window adds the open slot's bucket, so a read costs O(keys + sketch buckets), whatever
+the event rate, and a record touches only the open bucket.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Final
+from collections.abc import Hashable
+from typing import Final, Generic, TypeVar
 
 from exporter.sketch import LatencySketch
+
+K = TypeVar("K", bound=Hashable)
 
 __all__ = [
     "CACHE_CREATION",
@@ -42,7 +48,6 @@ ROW_FIELDS: Final = 10
 RING_SECONDS: Final = 600
 #: Window name -> length in seconds.
 WINDOWS: Final = {"1m": 60, "5m": 300, "10m": 600}
-_SPANS: Final = tuple(WINDOWS.values())
 
 
 def empty_row() -> list[int]:
@@ -54,12 +59,12 @@ def add_row(into: list[int], row: list[int], sign: int = 1) -> None:
     into[:] = map(operator.add if sign > 0 else operator.sub, into, row)
 
 
-class _Bucket:
+class _Bucket(Generic[K]):
     __slots__ = ("rows", "second", "sketch")
 
     def __init__(self) -> None:
         self.second = -1
-        self.rows: dict[int, list[int]] = {}
+        self.rows: dict[K, list[int]] = {}
         self.sketch = LatencySketch()
 
     def reset(self, second: int) -> None:
@@ -68,22 +73,27 @@ class _Bucket:
         self.sketch.clear()
 
 
-class WindowRing:
-    """The ring; `current` is the open second (epoch seconds). Time only moves forward."""
+class WindowRing(Generic[K]):
+    """The ring; `current` is the open slot (epoch seconds // slot width). Time only moves
+    forward. `spans` are the windows' lengths in slots, the open slot included."""
 
-    def __init__(self, now_s: int) -> None:
-        self._buckets = [_Bucket() for _ in range(RING_SECONDS)]
-        self._closed: list[dict[int, list[int]]] = [{} for _ in _SPANS]
-        self._closed_sketches = [LatencySketch() for _ in _SPANS]
-        self.current = now_s
-        self.open = self._buckets[now_s % RING_SECONDS]
-        self.open.reset(now_s)
+    def __init__(
+        self, now_slot: int, slots: int = RING_SECONDS, spans: tuple[int, ...] = (60, 300, 600)
+    ) -> None:
+        self._slots = slots
+        self._spans = spans
+        self._buckets: list[_Bucket[K]] = [_Bucket() for _ in range(slots)]
+        self._closed: list[dict[K, list[int]]] = [{} for _ in spans]
+        self._closed_sketches = [LatencySketch() for _ in spans]
+        self.current = now_slot
+        self.open = self._buckets[now_slot % slots]
+        self.open.reset(now_slot)
 
     def advance(self, now_s: int) -> None:
-        """Close every second up to `now_s`, moving each window forward."""
+        """Close every slot up to `now_s` (a slot number), moving each window forward."""
         if now_s <= self.current:
             return
-        if now_s - self.current >= RING_SECONDS:
+        if now_s - self.current >= self._slots:
             for bucket in self._buckets:
                 bucket.reset(-1)
             for closed, sketch in zip(self._closed, self._closed_sketches, strict=True):
@@ -93,12 +103,10 @@ class WindowRing:
             for second in range(self.current, now_s):
                 self._close(second)
         self.current = now_s
-        self.open = self._buckets[now_s % RING_SECONDS]
+        self.open = self._buckets[now_s % self._slots]
         self.open.reset(now_s)
 
-    def add(
-        self, second: int, series: int, row: list[int], sketch_key: int | None, sign: int
-    ) -> bool:
+    def add(self, second: int, key: K, row: list[int], sketch_key: int | None, sign: int) -> bool:
         """Add (or, with sign -1, take back) one event's row at `second`.
 
         Seconds after the open one are clamped to it (clients' clocks run a little ahead);
@@ -107,50 +115,50 @@ class WindowRing:
         current = self.current
         if second > current:
             second = current
-        elif second <= current - RING_SECONDS:
+        elif second <= current - self._slots:
             return False
-        bucket = self._buckets[second % RING_SECONDS]
+        bucket = self._buckets[second % self._slots]
         if bucket.second != second:
             bucket.reset(second)
-        _add_to(bucket.rows, series, row, sign)
+        _add_to(bucket.rows, key, row, sign)
         if sketch_key is not None:
             bucket.sketch.add_key(sketch_key, sign)
         if second < current:
-            for index, span in enumerate(_SPANS):
+            for index, span in enumerate(self._spans):
                 if second > current - span:
-                    _add_to(self._closed[index], series, row, sign)
+                    _add_to(self._closed[index], key, row, sign)
                     if sketch_key is not None:
                         self._closed_sketches[index].add_key(sketch_key, sign)
         return True
 
-    def window(self, span_s: int) -> tuple[dict[int, list[int]], LatencySketch]:
-        """Rows per series and the latency sketch of the last `span_s` seconds (a copy)."""
-        index = _SPANS.index(span_s)
-        rows = {series: list(row) for series, row in self._closed[index].items()}
-        for series, row in self.open.rows.items():
-            _add_to(rows, series, row, 1)
+    def window(self, span: int) -> tuple[dict[K, list[int]], LatencySketch]:
+        """Rows per key and the latency sketch of the last `span` slots (a copy)."""
+        index = self._spans.index(span)
+        rows = {key: list(row) for key, row in self._closed[index].items()}
+        for key, row in self.open.rows.items():
+            _add_to(rows, key, row, 1)
         sketch = self._closed_sketches[index].copy()
         sketch.merge(self.open.sketch)
-        return {series: row for series, row in rows.items() if any(row)}, sketch
+        return {key: row for key, row in rows.items() if any(row)}, sketch
 
     def _close(self, second: int) -> None:
-        closing = self._buckets[second % RING_SECONDS]
+        closing = self._buckets[second % self._slots]
         if closing.second == second:
-            for index in range(len(_SPANS)):
-                for series, row in closing.rows.items():
-                    _add_to(self._closed[index], series, row, 1)
+            for index in range(len(self._spans)):
+                for key, row in closing.rows.items():
+                    _add_to(self._closed[index], key, row, 1)
                 self._closed_sketches[index].merge(closing.sketch)
         following = second + 1
-        for index, span in enumerate(_SPANS):
-            leaving = self._buckets[(following - span) % RING_SECONDS]
+        for index, span in enumerate(self._spans):
+            leaving = self._buckets[(following - span) % self._slots]
             if leaving.second == following - span:
-                for series, row in leaving.rows.items():
-                    _add_to(self._closed[index], series, row, -1)
+                for key, row in leaving.rows.items():
+                    _add_to(self._closed[index], key, row, -1)
                 self._closed_sketches[index].merge(leaving.sketch, -1)
 
 
-def _add_to(rows: dict[int, list[int]], series: int, row: list[int], sign: int) -> None:
-    into = rows.get(series)
+def _add_to(rows: dict[K, list[int]], key: K, row: list[int], sign: int) -> None:
+    into = rows.get(key)
     if into is None:
-        into = rows[series] = [0] * ROW_FIELDS
+        into = rows[key] = [0] * ROW_FIELDS
     add_row(into, row, sign)

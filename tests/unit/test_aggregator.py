@@ -71,9 +71,16 @@ def test_windows_equal_a_plain_recomputation(pricing: PricingTable, steps: list)
             sent.append(Sent(ts, call.tier, tokens_in, tokens_out, row[9], latency, error))
 
     now_s = int(clock.now)
-    for name, span in (("1m", 60), ("5m", 300), ("10m", 600)):
+    for name, span, minutes in (("1m", 60, 1), ("5m", 300, 5), ("10m", 600, 10)):
         inside = [s for s in sent if s.ts_ms // 1000 > now_s - span]
         snap = aggregator.window(name)
+        # The per-label-set breakdown is at minute resolution: the open minute and those before.
+        in_minutes = [s for s in sent if s.ts_ms // 60_000 > now_s // 60 - minutes]
+        by_tier = aggregator.group(snap.by_series, "tier")
+        assert {t: row[CALLS] for t, row in by_tier.items()} == {
+            t: sum(1 for s in in_minutes if s.tier == t) for t in {s.tier for s in in_minutes}
+        }
+        assert sum(row[COST] for row in by_tier.values()) == sum(s.cost for s in in_minutes)
         assert snap.total[CALLS] == len(inside)
         assert snap.total[ERRORS] == sum(s.error for s in inside)
         assert snap.total[TOKENS_IN] == sum(s.tokens_in for s in inside)
