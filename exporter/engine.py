@@ -116,6 +116,9 @@ class Exporter:
         writer = self.writer
         if writer.depth >= writer.max_queue:
             raise QueueFull(f"write queue is full ({writer.max_queue} events)")
+        return self._record(event)
+
+    def _record(self, event: Event) -> bool:
         request_id = event.request_id
         is_call = type(event) is ApiCall
         if request_id is not None:
@@ -127,20 +130,45 @@ class Exporter:
         ts = event.timestamp
         ts_ms = int(self._clock() * 1000) if ts is None else cast(int, ts)
         if is_call:
-            writer.enqueue_call(
+            self.writer.enqueue_call(
                 self.aggregator.record_call(cast(ApiCall, event), ts_ms), request_id
             )
         else:
             self.aggregator.record_other(event, ts_ms)
-            writer.enqueue_other(event)
+            self.writer.enqueue_other(event)
         return True
 
     def record_many(self, events: Sequence[Event]) -> int:
         """Record a validated batch, all or nothing as far as room goes; returns how many were
         new (repeated request ids are skipped, not errors)."""
+        if self._closed:
+            raise RuntimeError("the exporter is closed")
         if not self.writer.has_room(len(events)):
             raise QueueFull(f"no room for {len(events)} events")
-        return sum(1 for event in events if self.record(event))
+        record = self._record
+        return sum(1 for event in events if record(event))
+
+    async def record_batch(self, events: Sequence[Event], *, chunk: int = 128) -> int:
+        """Record a validated batch, all of it, letting the event loop run between chunks.
+
+        A batch of thousands of events takes milliseconds to record; other requests (a read,
+        a scrape) wait for none of it longer than one chunk. Room for the whole batch is checked
+        (and waited for) once, before the first event, so the batch is never applied in part;
+        concurrent batches may take the queue past its bound by at most their own sizes.
+        """
+        if self._closed:
+            raise RuntimeError("the exporter is closed")
+        if not self.writer.has_room(len(events)):
+            raise QueueFull(f"no room for {len(events)} events")
+        record = self._record
+        accepted = 0
+        for start in range(0, len(events), chunk):
+            if start:
+                await asyncio.sleep(0)
+                if self._closed:  # pragma: no cover - shutdown drains requests first
+                    raise RuntimeError("the exporter closed during a batch")
+            accepted += sum(1 for event in events[start : start + chunk] if record(event))
+        return accepted
 
     def count_self(self, name: str, labels: tuple[str, ...] = (), amount: int = 1) -> None:
         """Add to one of the exporter's own counters (see `self_counters`)."""

@@ -252,7 +252,7 @@ async def accept_events(
                 detail="the write queue is full; retry later",
                 headers={"Retry-After": "1"},
             ) from None
-    accepted = exporter.record_many(events)
+    accepted = await exporter.record_batch(events)
     exporter.count_self("events_ingested", ("http",), accepted)
     if durable:
         await exporter.writer.barrier()

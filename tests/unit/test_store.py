@@ -313,6 +313,33 @@ async def test_a_full_queue_pushes_back_instead_of_dropping(tmp_path: Path) -> N
     assert db_totals(tmp_path / "metrics.db")[0] == 8
 
 
+async def test_a_batch_is_recorded_whole_while_the_loop_runs_between_chunks(
+    tmp_path: Path,
+) -> None:
+    settings = settings_for(tmp_path, batch_size=1_000, max_queue=1_000, flush_interval=3600.0)
+    exporter = await Exporter.start(settings)
+    seen_mid_batch: list[int] = []
+
+    async def observe() -> None:
+        # Runs only when the batch yields: it sees a part of the batch, never a stalled loop.
+        await asyncio.sleep(0)
+        seen_mid_batch.append(exporter.aggregator.grand_total()[CALLS])
+
+    try:
+        events = [ApiCall(model="gpt-4o", request_id=f"r{i}") for i in range(500)]
+        events.append(ApiCall(model="gpt-4o", request_id="r0"))  # a repeat: skipped
+        observer = asyncio.create_task(observe())
+        assert await exporter.record_batch(events, chunk=100) == 500
+        await observer
+        assert 0 < seen_mid_batch[0] < 500
+        with pytest.raises(QueueFull):
+            await exporter.record_batch([ApiCall(model="gpt-4o")] * 501)
+        assert exporter.aggregator.grand_total()[CALLS] == 500
+    finally:
+        await exporter.close()
+    assert db_totals(tmp_path / "metrics.db")[0] == 500
+
+
 async def test_purge_drops_old_raw_calls_and_keeps_totals_and_rollups(tmp_path: Path) -> None:
     clock = FakeClock()
     exporter = await Exporter.start(settings_for(tmp_path, retention_days=30), clock=clock)
