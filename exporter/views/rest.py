@@ -37,7 +37,7 @@ from litestar.types import HTTPResponseStartEvent, HTTPScope, Receive, Scope, Se
 from exporter.budget import configured_budgets
 from exporter.engine import Exporter
 from exporter.events import ApiCall, Event, EventValidationError, decode_batch
-from exporter.pricing import Price, infer_provider, tier_by_name
+from exporter.pricing import Price
 from exporter.store.db import save_price
 from exporter.store.queries import ACTIVITY_TYPES, ActivityQuery, activity, history
 from exporter.views.shapes import (
@@ -417,19 +417,9 @@ async def tier_detail(
         raise NotFoundException(f"unknown tier {shown}; known tiers: {', '.join(sorted(known))}")
     snapshot = aggregator.window(window)
     row = snapshot.by_tier.get(tier, [0] * len(snapshot.total))
-    summary = tier_metrics(tier, row)
     return TierDetail(
-        tier=tier,
+        **msgspec.structs.asdict(tier_metrics(tier, row)),
         window=window,
-        calls=summary.calls,
-        cost_usd=summary.cost_usd,
-        tokens_in=summary.tokens_in,
-        tokens_out=summary.tokens_out,
-        cache_savings_usd=summary.cache_savings_usd,
-        errors=summary.errors,
-        cache_read_tokens=summary.cache_read_tokens,
-        cache_creation_tokens=summary.cache_creation_tokens,
-        avg_latency_ms=summary.avg_latency_ms,
         models=tier_models(aggregator, tier, snapshot.by_series),
     )
 
@@ -692,24 +682,6 @@ async def budget(request: Request[Any, Any, Any]) -> BudgetResponse:
 # -- pricing -------------------------------------------------------------------------------------
 
 
-class PriceUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """New prices for one model, USD per million tokens; provider and tier inferred if absent."""
-
-    input: float
-    output: float
-    provider: str | None = None
-    tier: str | None = None
-    cache_write_5m: float | None = None
-    cache_write_1h: float | None = None
-    cache_read: float | None = None
-    long_context_threshold: int | None = None
-    long_input: float | None = None
-    long_output: float | None = None
-    long_cache_write_5m: float | None = None
-    long_cache_write_1h: float | None = None
-    long_cache_read: float | None = None
-
-
 @get("/api/pricing", summary="The price table, USD per million tokens")
 async def pricing_list(request: Request[Any, Any, Any]) -> PricingResponse:
     prices = sorted(_exporter(request).aggregator.pricing.prices(), key=lambda p: p.model)
@@ -724,18 +696,17 @@ async def pricing_list(request: Request[Any, Any, Any]) -> PricingResponse:
 async def pricing_set(request: Request[Any, Any, Any], model: str) -> Price:
     exporter = _exporter(request)
     try:
-        update = msgspec.json.decode(await request.body(), type=PriceUpdate)
+        # The body is a Price without `model` (it is in the path); provider and tier default to
+        # what the table already says of this model, else to what its name says.
+        given = msgspec.json.decode(await request.body(), type=dict[str, Any])
+        unknown = set(given) - set(Price.__struct_fields__) | ({"model"} & set(given))
+        if unknown:
+            raise ValueError(f"unknown fields: {', '.join(sorted(unknown))}")
         if not 1 <= len(model) <= 200:
             raise ValueError("the model id must be 1..200 characters")
-        price = Price(
-            model=model,
-            provider=update.provider or infer_provider(model),
-            tier=update.tier or tier_by_name(model),
-            **{
-                f: getattr(update, f)
-                for f in PriceUpdate.__struct_fields__
-                if f not in ("provider", "tier")
-            },
+        provider, tier, _ = exporter.aggregator.pricing.classify(model)
+        price = msgspec.convert(
+            {"provider": provider, "tier": tier, **given, "model": model}, Price
         )
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
         raise HTTPException(status_code=422, detail=f"invalid price: {exc}") from None

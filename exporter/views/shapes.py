@@ -178,20 +178,11 @@ class TierModel(msgspec.Struct):
     total_cost_usd: float
 
 
-class TierDetail(msgspec.Struct):
-    """`/tiers/{tier}`: the tier's window sums and its models."""
+class TierDetail(TierMetrics, kw_only=True):
+    """`/tiers/{tier}`: TierMetrics of the window, which window, and the tier's models (their
+    window sums at minute resolution, and their totals)."""
 
-    tier: str
     window: str
-    calls: int
-    cost_usd: float
-    tokens_in: int
-    tokens_out: int
-    cache_savings_usd: float
-    errors: int
-    cache_read_tokens: int
-    cache_creation_tokens: int
-    avg_latency_ms: float
     models: list[TierModel]
 
 
