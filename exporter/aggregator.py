@@ -216,14 +216,7 @@ class Aggregator:
         )
         self.last_seen[series_id] = ts_ms
         total = self.totals[series_id]
-        total[CALLS] += 1
-        total[ERRORS] += error
-        total[TOKENS_IN] += tokens_in
-        total[TOKENS_OUT] += tokens_out
-        total[CACHE_READ] += cache_read
-        total[CACHE_CREATION] += cache_creation
-        total[COST] += cost
-        total[SAVINGS] += savings
+        _add_call(total, error, tokens_in, tokens_out, cache_read, cache_creation, cost, savings)
         if latency_us is not None:
             total[LATENCY_SUM] += latency_us
             total[LATENCY_COUNT] += 1
