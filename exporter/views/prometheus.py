@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from exporter.aggregator import HIST_OFFSET, HISTOGRAM_BOUNDS_S, SeriesKey
-from exporter.budget import ALL_PROJECTS, budget_lines, configured_budgets
+from exporter.budget import ALL_PROJECTS, PERIODS, budget_lines, configured_budgets
 from exporter.engine import Exporter
 from exporter.pricing import nanos_to_usd
 from exporter.views.labels import LabelBounds
@@ -249,9 +249,8 @@ class ExporterCollector:
 
     def _budget_families(self) -> Iterator[Metric]:
         exporter = self._exporter
-        lines = budget_lines(
-            exporter.aggregator.spend.snapshot(), configured_budgets(exporter.settings)
-        )
+        snapshot = exporter.aggregator.spend.snapshot()
+        lines = budget_lines(snapshot, configured_budgets(exporter.settings))
         fold = self._bounds.fold
         # Nano-USD per (period, published project); projects folded into __other__ add up.
         budgets: dict[tuple[str, str], int] = {}
@@ -286,6 +285,29 @@ class ExporterCollector:
             budget_family.add_metric(values, nanos_to_usd(budget))
             remaining_family.add_metric(values, nanos_to_usd(budget - spends[values]))
         yield from (budget_family, spend_family, remaining_family)
+
+        # Budget or not: Prometheus cannot tell where a day ends in the budget time zone (its
+        # date functions are UTC only), so rules that project spend to the end of the period
+        # read it here, from the exporter whose spend they project.
+        start_family = GaugeMetricFamily(
+            "cco_budget_period_start_timestamp_seconds",
+            "Start of the current day or calendar month in the budget time zone, in seconds "
+            "since the Unix epoch.",
+            labels=("period",),
+            unit="seconds",
+        )
+        end_family = GaugeMetricFamily(
+            "cco_budget_period_end_timestamp_seconds",
+            "End (exclusive) of the current day or calendar month in the budget time zone, in "
+            "seconds since the Unix epoch.",
+            labels=("period",),
+            unit="seconds",
+        )
+        for period in PERIODS:
+            start_ms, end_ms = snapshot.bounds(period)
+            start_family.add_metric((period,), start_ms / 1000)
+            end_family.add_metric((period,), end_ms / 1000)
+        yield from (start_family, end_family)
 
     # -- the exporter itself ----------------------------------------------------------------------
 

@@ -432,6 +432,43 @@ async def test_metrics_show_budget_spend_and_remaining_gauges(tmp_path: Path) ->
     }
 
 
+async def test_metrics_show_the_local_period_bounds_without_any_budget(tmp_path: Path) -> None:
+    zone = "America/New_York"
+    # The day clocks spring forward: it is 23 hours long, and March ends in daylight time.
+    clock = FakeClock(local_s(zone, 2025, 3, 9, 12, 0, 0))
+
+    def bounds(body: bytes) -> dict[tuple[str, str], float]:
+        families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        found: dict[tuple[str, str], float] = {}
+        for bound in ("start", "end"):
+            family = families[f"cco_budget_period_{bound}_timestamp_seconds"]
+            assert family.type == "gauge"
+            found.update({(bound, s.labels["period"]): s.value for s in family.samples})
+        return found
+
+    async with running(tmp_path, clock, budget_timezone=zone) as exporter:
+        registry = metrics_registry(exporter)
+        before = bounds(render(registry, None)[0])
+        # Past local midnight of March 31st, both periods have turned over.
+        clock.now = local_s(zone, 2025, 4, 1, 0, 30, 0)
+        after = bounds(render(registry, None)[0])
+    assert before == {
+        ("start", "day"): local_s(zone, 2025, 3, 9),
+        ("end", "day"): local_s(zone, 2025, 3, 10),
+        ("start", "month"): local_s(zone, 2025, 3, 1),
+        ("end", "month"): local_s(zone, 2025, 4, 1),
+    }
+    assert before["end", "day"] - before["start", "day"] == 23 * 3600
+    # 04:00 UTC (midnight EDT), not the 00:00 UTC that PromQL's date functions would assume.
+    assert before["end", "month"] == dt.datetime(2025, 4, 1, 4, tzinfo=dt.UTC).timestamp()
+    assert after == {
+        ("start", "day"): local_s(zone, 2025, 4, 1),
+        ("end", "day"): local_s(zone, 2025, 4, 2),
+        ("start", "month"): local_s(zone, 2025, 4, 1),
+        ("end", "month"): local_s(zone, 2025, 5, 1),
+    }
+
+
 async def test_budget_projects_fold_like_other_labels_and_all_does_not(tmp_path: Path) -> None:
     clock = FakeClock(local_s("UTC", 2025, 8, 8, 8, 0, 0))
     async with running(
