@@ -495,7 +495,8 @@ def test_pricing_put_applies_to_new_calls_and_rejects_bad_prices(server: Server)
     assert stats["total_cost_usd"] == pytest.approx(30.0)
 
 
-def test_sigterm_commits_every_accepted_event(server: Server) -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_stop_signal_commits_every_accepted_event(server: Server, stop_signal: int) -> None:
     sent = 0
     with server.client() as client:
         for batch in range(20):
@@ -506,7 +507,7 @@ def test_sigterm_commits_every_accepted_event(server: Server) -> None:
             answer = _post(client, events)
             assert answer.status_code == 202
             sent += answer.json()["accepted"]
-    assert server.stop(signal.SIGTERM) == 0
+    assert server.stop(stop_signal) == 0
     assert server.query("SELECT count(*) FROM api_calls") == [(sent,)]
     assert server.query("SELECT sum(calls) FROM series") == [(sent,)]
     assert "every accepted event is committed" in server.logs()
