@@ -19,6 +19,7 @@ from litestar.openapi.config import OpenAPIConfig
 
 from exporter.engine import Exporter
 from exporter.logs import heartbeat_line
+from exporter.maintenance import Maintenance
 from exporter.settings import Settings
 from exporter.views.labels import LabelBounds
 from exporter.views.otlp import OtlpPusher, otlp_config, redact_endpoint
@@ -26,7 +27,7 @@ from exporter.views.prometheus import metrics_registry, render
 from exporter.views.rest import (
     READ_HANDLERS,
     WRITE_HANDLERS,
-    document_ingest,
+    document_api,
     error_handlers,
     token_guard,
 )
@@ -56,6 +57,9 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         app.state.otlp_enabled = otlp is not None
         pusher = OtlpPusher(exporter, otlp, bounds) if otlp is not None else None
         heartbeat = asyncio.create_task(_heartbeat(exporter), name="cco-exporter-heartbeat")
+        maintenance = Maintenance(exporter, clock=clock) if settings.maintenance else None
+        if maintenance is not None:
+            maintenance.start()
         log.info(
             "cco-exporter serving on http://%s:%s, database %s, OTLP %s",
             settings.host,
@@ -74,12 +78,19 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+            # Before the engine: a maintenance step may be using the writer's connection.
+            if maintenance is not None:
+                await maintenance.close()
             await reader.close()
             # The engine first, so the final OTLP export carries every accepted event.
             await exporter.close()
             if pusher is not None:
                 await pusher.close()
-            log.info("cco-exporter stopped; every accepted event is committed")
+            held = exporter.health().queue_depth
+            if held:
+                log.error("cco-exporter stopped with %d accepted events not written", held)
+            else:
+                log.info("cco-exporter stopped; every accepted event is committed")
 
     token = settings.token
     cors = CORSConfig(allow_origins=settings.cors_origins) if settings.cors_origins else None
@@ -107,14 +118,15 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         logging_config=None,
     )
     app.state.settings = settings
-    document_ingest(app.openapi_schema)
+    document_api(app.openapi_schema, reads_need_token=bool(token and settings.auth_reads))
     return app
 
 
-@get("/metrics", summary="Prometheus exposition (OpenMetrics on request)")
+@get("/metrics", summary="Prometheus exposition (OpenMetrics on request)", media_type="text/plain")
 async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     body, content_type = render(request.app.state.registry, request.headers.get("accept"))
-    return Response(body, media_type=content_type)
+    # As a header, not as `media_type`: Litestar would add a second `charset` to text/plain.
+    return Response(body, headers={"content-type": content_type})
 
 
 async def _open_reader(path: str) -> aiosqlite.Connection:

@@ -28,6 +28,7 @@ from exporter.simulate import (
     post_events,
     run_simulation,
 )
+from exporter.store import maintenance
 from exporter.store.db import MigrationError, connect, load_pricing, migrate, reset_pricing
 from exporter.store.db import save_price as store_price
 from exporter.store.queries import purge
@@ -390,7 +391,7 @@ def _db_backup(args: argparse.Namespace) -> int:
         return _fail(f"no database at {settings.db_path}")
     if dest.exists() and not args.force:
         return _fail(f"{dest} exists; add --force to replace it")
-    size = asyncio.run(_backup(settings.db_path, dest))
+    size = asyncio.run(maintenance.backup(settings.db_path, dest))
     print(f"backed up {settings.db_path} to {dest} ({size} bytes)")
     return 0
 
@@ -399,9 +400,9 @@ def _db_vacuum(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not Path(settings.db_path).exists():
         return _fail(f"no database at {settings.db_path}")
-    before = _disk_bytes(settings.db_path)
-    incremental, busy = asyncio.run(_vacuum(settings.db_path))
-    after = _disk_bytes(settings.db_path)
+    before = maintenance.disk_bytes(settings.db_path)
+    incremental, busy = asyncio.run(maintenance.vacuum(settings.db_path))
+    after = maintenance.disk_bytes(settings.db_path)
     print(f"size before: {before} bytes, after: {after} bytes (database + WAL)")
     if not incremental:
         print("note: this database was created without incremental auto-vacuum; free pages stay")
@@ -473,45 +474,6 @@ def _with_db(
 
 async def _no_action(_conn: aiosqlite.Connection, applied: list[str]) -> list[str]:
     return applied
-
-
-async def _backup(source: str, dest: Path) -> int:
-    """Copy `source` page by page into a temporary file beside `dest`, then rename it: readers
-    of `dest` never see half a copy, and a failed backup leaves an older `dest` alone."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(f".{dest.name}.partial")
-    partial.unlink(missing_ok=True)
-    src = await connect(source)
-    try:
-        async with aiosqlite.connect(partial) as target:
-            await src.backup(target)
-            # The copy inherits WAL mode; a backup is one self-contained file.
-            await target.execute("PRAGMA journal_mode = DELETE")
-    finally:
-        await src.close()
-    partial.replace(dest)
-    return dest.stat().st_size
-
-
-async def _vacuum(path: str) -> tuple[bool, bool]:
-    """Free pages back to the file system and truncate the WAL; returns (incremental
-    auto-vacuum is on, the checkpoint was blocked by a reader)."""
-    conn = await connect(path)
-    try:
-        async with conn.execute("PRAGMA auto_vacuum") as cursor:
-            row = await cursor.fetchone()
-        # Each step of incremental_vacuum frees one page: fetch every row to run it to the end.
-        async with conn.execute("PRAGMA incremental_vacuum") as cursor:
-            await cursor.fetchall()
-        async with conn.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
-            checkpoint = await cursor.fetchone()
-    finally:
-        await conn.close()
-    return (row is not None and row[0] == 2), (checkpoint is not None and checkpoint[0] == 1)
-
-
-def _disk_bytes(db_path: str) -> int:
-    return sum(p.stat().st_size for p in (Path(db_path), Path(db_path + "-wal")) if p.exists())
 
 
 def _unreachable(url: str, exc: httpx.HTTPError) -> str:

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 
 __all__ = [
+    "LABEL_PATTERN",
+    "MAX_COST_USD",
     "ApiCall",
     "CacheHit",
     "CacheMiss",
@@ -33,17 +35,22 @@ __all__ = [
 #: Timestamps further than this in the future are rejected: a clock that far off would put the
 #: event into windows it does not belong to.
 MAX_FUTURE_MS: Final = 5 * 60 * 1000
+#: The most one event may cost (or save), in US dollars; the REST ingest also holds a call's
+#: computed cost to it.
+MAX_COST_USD: Final = 1e6
 #: JSON integers above 2**53 lose precision in most clients; no real token count comes near it.
 MAX_COUNT: Final = 2**53
-_NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
+#: What a label value may hold (besides 1..200 characters): no control character. `(?!\n)`
+#: because Python's `$` also matches before a final newline, itself a control character.
+LABEL_PATTERN: Final = r"^[^\x00-\x1f\x7f]*(?!\n)$"
 
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
-Label = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=_NO_CONTROL)]
-ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=_NO_CONTROL)]
+Label = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=LABEL_PATTERN)]
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=LABEL_PATTERN)]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
 # Upper bounds reject absurd values; msgspec itself refuses NaN and 1e999 in JSON.
 LatencyMs = Annotated[float, msgspec.Meta(ge=0, le=1e9)]
-Usd = Annotated[float, msgspec.Meta(ge=0, le=1e6)]
+Usd = Annotated[float, msgspec.Meta(ge=0, le=MAX_COST_USD)]
 Timestamp = Annotated[int, msgspec.Meta(ge=0)] | Annotated[datetime, msgspec.Meta(tz=True)]
 
 
@@ -62,6 +69,9 @@ class _Base(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
             return
         if isinstance(ts, datetime):
             ts = self.timestamp = int(ts.timestamp() * 1000)
+            # Year 1 with a positive offset is before year 1 in UTC: no view could print it.
+            if ts < 0:
+                raise ValueError("`timestamp` must not be before 1970-01-01T00:00:00Z")
         elif ts > MAX_COUNT:
             raise ValueError("`timestamp` must be epoch milliseconds or an RFC 3339 string")
         if ts > time.time() * 1000 + MAX_FUTURE_MS:
@@ -138,6 +148,11 @@ _batch_decoder: Final = msgspec.json.Decoder(list[Event])
 _call_batch_decoder: Final = msgspec.json.Decoder(list[ApiCall])
 _ERROR_AT = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$", re.DOTALL)
 _ITEM_PATH = re.compile(r"^\[(?P<index>\d+)\]\.?(?P<field>.*)$")
+_FIELDS: Final = frozenset(
+    name
+    for kind in (ApiCall, CacheHit, CacheMiss, ErrorEvent, ModelOverride, SystemEvent)
+    for name in (*kind.__struct_fields__, "type")
+)
 
 
 class ItemError(msgspec.Struct):
@@ -193,6 +208,11 @@ def decode_batch(body: bytes | str, *, single: bool | None = None) -> list[Event
     except UnicodeDecodeError as exc:
         # msgspec checks UTF-8 inside strings and raises this, not a DecodeError.
         raise EventValidationError([ItemError(0, None, f"invalid UTF-8: {exc.reason}")]) from None
+    except RecursionError:
+        # Thousands of nested arrays or objects: msgspec stops at its depth limit with this.
+        raise EventValidationError(
+            [ItemError(0, None, "malformed JSON: nested too deeply")]
+        ) from None
     if not events:
         raise EventValidationError([ItemError(0, None, "the request holds no event")])
     return events
@@ -297,9 +317,12 @@ def _item_error(index: int, text: str) -> ItemError:
 
 def _field_in_message(message: str) -> str | None:
     # Messages raised from __post_init__ and "missing required field" name the field in
-    # backticks; surface it so every error names a field where there is one.
-    found = re.search(r"`([a-z_0-9]+)`", message)
-    return found.group(1) if found else None
+    # backticks; surface it so every error names a field where there is one. Type names are in
+    # backticks too ("Expected `object`, got `int`"): only an event's field counts.
+    for name in re.findall(r"`([a-z_0-9]+)`", message):
+        if name in _FIELDS:
+            return str(name)
+    return None
 
 
 def _describe(error: ItemError) -> str:

@@ -90,6 +90,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Raw calls and activity are purged after this many days."""
     rollup_retention_days: int = 400
     """Per-minute rollups (history) are purged after this many days."""
+    maintenance: bool = True
+    """The server keeps the database itself: a daily purge (the two retentions above), a weekly
+    incremental vacuum, an hourly WAL checkpoint and an archive of each finished month."""
+    maintenance_delay: float = 30.0
+    """Seconds after start before the first maintenance pass (then it checks every minute)."""
+    archive_dir: str = ""
+    """Where monthly summaries go as `YYYY-MM.json`; empty means `archive/` beside the database."""
 
     # -- the HTTP service ------------------------------------------------------------------------
     host: str = "127.0.0.1"

@@ -9,6 +9,9 @@ just inserted, in the same transaction, so they can never disagree with `api_cal
 If a flush fails (disk full, database locked or read-only), its events are appended to a
 JSON-lines spill file beside the database and replayed in order once writes succeed; replay
 progress is committed with the rows it writes, so a crash mid-replay never stores a row twice.
+When the spill file cannot be written either (it shares the full disk), the events stay queued
+in memory, in order. Health says degraded in both cases, and a failing write is retried once a
+flush interval, not once a batch.
 """
 
 from __future__ import annotations
@@ -194,6 +197,9 @@ class BatchWriter:
         self._last_flush_seconds: float | None = None
         self._last_flush_events = 0
         self._last_error: str | None = None
+        #: The last flush failed: SQLite refuses writes (its events are spilled, or held in
+        #: memory when the spill file cannot be written either).
+        self._failing = False
 
     # -- the per-event path -------------------------------------------------------------------
 
@@ -252,6 +258,11 @@ class BatchWriter:
             except Exception:
                 # flush() keeps what it could not write; the loop must outlive any surprise.
                 log.exception("unexpected error in the writer; retrying at the next flush")
+            if self._failing and not self._closing:
+                # While writes fail, retry once an interval: every new batch would otherwise
+                # start another attempt at once, re-encoding the whole held backlog on the
+                # event loop for a disk that is still full.
+                await asyncio.sleep(self.flush_interval)
 
     async def close(self) -> None:
         """Stop the loop and write everything still pending (spilling it if writes fail)."""
@@ -260,6 +271,15 @@ class BatchWriter:
         await self.flush()
         if self._spill_events:
             await self.flush()
+        if self._depth:
+            # Neither SQLite nor the spill file took them, and memory ends with the process.
+            log.error(
+                "%d accepted events are lost: neither the database nor the spill file %s "
+                "could be written (last error: %s)",
+                self._depth,
+                self._spill_path,
+                self._last_error,
+            )
 
     async def flush(self) -> None:
         """Write everything pending now, in one transaction (after any spill backlog)."""
@@ -277,6 +297,7 @@ class BatchWriter:
                     written = await self._commit(batch)
             except (sqlite3.Error, OSError) as exc:
                 # Put the batch on disk behind any earlier backlog, so order is kept.
+                self._failing = True
                 self._failed(exc)
                 try:
                     if len(batch):
@@ -284,11 +305,12 @@ class BatchWriter:
                 except OSError as spill_exc:
                     # Neither the database nor the disk takes it: keep it in memory, in
                     # order, and try again at the next flush; durable waiters keep waiting.
-                    self._failed(spill_exc)
                     self._requeue(batch)
                     self._waiters[:0] = waiters
+                    self._failed(spill_exc, spilling=False)
                     return
             else:
+                self._failing = False
                 if len(batch):
                     self._flushes += 1
                     self._written += written
@@ -327,7 +349,7 @@ class BatchWriter:
             last_flush_events=self._last_flush_events,
             write_errors=self._write_errors,
             spill_backlog=self._spill_events,
-            degraded=self._spill_events > 0,
+            degraded=self._failing or self._spill_events > 0,
             last_error=self._last_error,
         )
 
@@ -494,10 +516,18 @@ class BatchWriter:
 
     # -- spill and replay -------------------------------------------------------------------
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException, *, spilling: bool = True) -> None:
         self._write_errors += 1
         self._last_error = f"{type(exc).__name__}: {exc}"
-        log.error("database write failed, spilling to %s: %s", self._spill_path, exc)
+        if spilling:
+            log.error("database write failed, spilling to %s: %s", self._spill_path, exc)
+        else:
+            log.error(
+                "spill file %s cannot be written either; %d events stay queued in memory: %s",
+                self._spill_path,
+                self._depth,
+                exc,
+            )
 
     def _spill(self, batch: _Batch) -> None:
         """Append one batch as a JSON line (series by their labels, not ids), fsync'd."""
@@ -507,16 +537,49 @@ class BatchWriter:
             [row[0], list(keys[row[1]]), *row[2:], rids.get(index)]
             for index, row in enumerate(batch.calls)
         ]
-        line = msgspec.json.encode({"calls": calls, "others": batch.others})
-        new_file = self._spill_id is None
-        with self._spill_path.open("ab") as out:
-            if new_file:
-                self._spill_id = uuid.uuid4().hex
-                out.write(msgspec.json.encode({"spill_id": self._spill_id}) + b"\n")
-            out.write(line + b"\n")
-            out.flush()
-            os.fsync(out.fileno())
+        line = msgspec.json.encode({"calls": calls, "others": batch.others}) + b"\n"
+        if self._spill_id is None:
+            spill_id = uuid.uuid4().hex
+            header = msgspec.json.encode({"spill_id": spill_id}) + b"\n"
+            self._write_spill(header + line, new=True)
+            self._spill_id = spill_id
+        else:
+            self._write_spill(line, new=False)
         self._spill_events += len(batch)
+
+    def _write_spill(self, data: bytes, *, new: bool) -> None:
+        """Write whole lines to the spill file and fsync them, or leave the file as it was.
+
+        A write the full disk cuts short leaves part of a line; it is cut off again, or the
+        next line would run into it and the reader would drop both. A new file that cannot be
+        written is removed, so a later spill starts it again with its header line.
+        """
+        path = self._spill_path
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0)
+        # A new file replaces any earlier one: without a spill id, its lines were all replayed.
+        fd = os.open(path, flags | (os.O_TRUNC if new else 0), 0o666)
+        end = 0
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            if end:
+                os.lseek(fd, end - 1, os.SEEK_SET)
+                if os.read(fd, 1) != b"\n":
+                    # A line torn by a crash mid-write: keep it on a line of its own, which the
+                    # reader skips, rather than fused with this one.
+                    data = b"\n" + data
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            if new:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
+        finally:
+            os.close(fd)
 
     async def load_spill(self) -> int:
         """At start-up: find a spill file left by an earlier run, count its events into the

@@ -383,7 +383,8 @@ class ExporterCollector:
         )
         yield GaugeMetricFamily(
             "cco_exporter_degraded",
-            "1 while SQLite refuses writes and events are spilled to a file, else 0.",
+            "1 while SQLite refuses writes (events are spilled to a file, or held in memory when "
+            "the spill file cannot be written either), else 0.",
             value=1 if health.degraded else 0,
         )
         yield CounterMetricFamily(

@@ -30,13 +30,31 @@ from litestar.exceptions import (
     ValidationException,
 )
 from litestar.handlers.base import BaseRouteHandler
-from litestar.openapi.spec import OpenAPI, PathItem, Schema
+from litestar.openapi.spec import (
+    OpenAPI,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    Operation,
+    PathItem,
+    Reference,
+    RequestBody,
+    Schema,
+)
+from litestar.openapi.spec import Parameter as OpenAPIParameter
 from litestar.params import Parameter
 from litestar.types import HTTPResponseStartEvent, HTTPScope, Receive, Scope, Send
 
 from exporter.budget import configured_budgets
 from exporter.engine import Exporter
-from exporter.events import ApiCall, Event, EventValidationError, decode_batch
+from exporter.events import (
+    LABEL_PATTERN,
+    MAX_COST_USD,
+    ApiCall,
+    Event,
+    EventValidationError,
+    ItemError,
+    decode_batch,
+)
 from exporter.pricing import Price
 from exporter.store.db import save_price
 from exporter.store.queries import ACTIVITY_TYPES, ActivityQuery, activity, history
@@ -88,7 +106,7 @@ __all__ = [
     "WRITE_HANDLERS",
     "accept_events",
     "current_view",
-    "document_ingest",
+    "document_api",
     "error_handlers",
     "token_guard",
 ]
@@ -122,6 +140,18 @@ _STEPS: Final = {
 _MAX_HISTORY_STEPS: Final = 10_000
 _WINDOW_PATTERN: Final = "^(1m|5m|10m)$"
 _TIER_PATTERN: Final = re.compile(r"^[A-Za-z0-9_.:@/+-]{1,200}$")
+_TIERS_LISTED: Final = 20
+#: What one call may cost, also when the price table computes it: nano-dollars are stored as
+#: 64-bit integers, and a runaway token count times a price would not fit (the writer could not
+#: store the batch that holds it).
+_MAX_CALL_NANOS: Final = round(MAX_COST_USD * 1e9)
+#: The highest rate `PUT /api/pricing` takes, USD per million tokens (the dearest real model
+#: costs a few hundred). With it, a call of at most `_COST_CHECK_TOKENS` tokens stays under
+#: `_MAX_CALL_NANOS` at any rate set over HTTP, so ingest prices only the larger calls twice.
+_MAX_PRICE_USD: Final = 100_000.0
+_COST_CHECK_TOKENS: Final = 1_000_000
+_PRICE_RATES: Final = frozenset(Price.__struct_fields__[3:]) - {"long_context_threshold"}
+_LABEL: Final = re.compile(LABEL_PATTERN)
 
 
 # -- auth and errors -----------------------------------------------------------------------------
@@ -229,6 +259,7 @@ async def accept_events(
     """Validate a whole body, then record every event, or none (422 names each bad item)."""
     try:
         events = decode_batch(body, single=False if ndjson else None)
+        _refuse_runaway_costs(exporter, events)
     except EventValidationError as exc:
         exporter.count_self("events_rejected", ("invalid",), max(1, len(exc.errors)))
         raise HTTPException(
@@ -257,6 +288,41 @@ async def accept_events(
     if durable:
         await exporter.writer.barrier()
     return IngestResult(accepted=accepted, duplicates=len(events) - accepted, durable=durable)
+
+
+def _refuse_runaway_costs(exporter: Exporter, events: list[Event]) -> None:
+    """Raise for any call whose computed cost or cache savings exceeds `MAX_COST_USD`, the bound
+    an explicit `cost_usd` has: 2**53 output tokens of a priced model is a valid count but not a
+    call anyone made, and its nano-dollars would not fit a 64-bit integer column."""
+    pricing = exporter.aggregator.pricing
+    errors: list[ItemError] = []
+    for index, event in enumerate(events):
+        if type(event) is not ApiCall:
+            continue
+        tokens = event.input_tokens + event.output_tokens
+        tokens += event.cache_creation_tokens + event.cache_read_tokens
+        if tokens <= _COST_CHECK_TOKENS:
+            continue
+        _, _, cost, savings = pricing.price_call(
+            event.model,
+            event.input_tokens,
+            event.output_tokens,
+            event.cache_creation_tokens,
+            event.cache_read_tokens,
+            event.cache_creation_1h_tokens,
+        )
+        if event.cost_usd is not None or cost is None:
+            cost = 0
+        if max(cost, savings) > _MAX_CALL_NANOS:
+            errors.append(
+                ItemError(
+                    index,
+                    "cost_usd",
+                    f"the token counts price this call above {MAX_COST_USD:,.0f} USD",
+                )
+            )
+    if errors:
+        raise EventValidationError(errors)
 
 
 async def _read_body(receive: Receive, limit: int, exporter: Exporter) -> bytes:
@@ -292,15 +358,78 @@ def _flag(query: bytes, name: bytes) -> bool:
     return False
 
 
-def document_ingest(openapi: OpenAPI) -> None:
-    """Add `POST /api/events` to the app's OpenAPI document (an ASGI handler has no entry of its
-    own). The request and answer schemas come from the same msgspec Structs that decode and
-    encode them, so the document cannot drift from the behaviour. Plain JSON-schema dicts are
-    rendered as they are by Litestar's serialiser."""
+def document_api(openapi: OpenAPI, *, reads_need_token: bool = False) -> None:
+    """Complete the app's OpenAPI document with what the handlers' signatures cannot say:
+    `POST /api/events` (an ASGI handler has no entry of its own), the raw JSON body of
+    `PUT /api/pricing/{model}` and its 422, and the one error shape every 4xx answer has
+    (`ErrorBody`, where Litestar would document its own `extra`). `reads_need_token` adds the
+    401 that every read answers when `auth_reads` is on. Plain JSON-schema dicts are rendered as
+    they are by Litestar's serialiser."""
+    error_ref = _document_ingest(openapi)
+    paths = openapi.paths or {}
+    for path, item in paths.items():
+        if isinstance(item, dict):
+            continue  # the ingest entry, written whole above
+        for operation in (item.get, item.put):
+            if operation is None or operation.responses is None:
+                continue
+            if reads_need_token and operation is item.get and path != "/schema":
+                operation.responses.setdefault(
+                    "401", OpenAPIResponse(description="Missing or wrong bearer token")
+                )
+            for code, answer in operation.responses.items():
+                if isinstance(answer, OpenAPIResponse) and code.startswith("4"):
+                    answer.content = {"application/json": OpenAPIMediaType(schema=error_ref)}
+    pricing = paths.get("/api/pricing/{model}")
+    if isinstance(pricing, PathItem) and pricing.put is not None:
+        _document_pricing_put(pricing.put, error_ref)
+
+
+def _document_pricing_put(operation: Operation, error_ref: Reference) -> None:
+    rate = {"type": "number", "minimum": 0, "maximum": _MAX_PRICE_USD}
+    label = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": LABEL_PATTERN}
+    properties: dict[str, Any] = {"provider": label, "tier": label}
+    for name in Price.__struct_fields__[3:]:
+        kind = rate if name in _PRICE_RATES else {"type": "integer", "minimum": 0}
+        properties[name] = (
+            kind if name in ("input", "output") else {"anyOf": [kind, {"type": "null"}]}
+        )
+    body = {
+        "type": "object",
+        "properties": properties,
+        "required": ["input", "output"],
+        "additionalProperties": False,
+    }
+    operation.request_body = RequestBody(
+        content={"application/json": OpenAPIMediaType(schema=cast("Schema", body))},
+        description="USD per million tokens; `provider` and `tier` default to what the table "
+        "or the model's name says",
+        required=True,
+    )
+    if operation.responses is not None:
+        operation.responses["422"] = OpenAPIResponse(
+            description="Invalid price, unknown field, or a model id outside 1..200 characters",
+            content={"application/json": OpenAPIMediaType(schema=error_ref)},
+        )
+    for parameter in operation.parameters or []:
+        if isinstance(parameter, OpenAPIParameter) and parameter.name == "model":
+            parameter.schema = cast("Schema", label)
+
+
+def _document_ingest(openapi: OpenAPI) -> Reference:
+    """Add `POST /api/events`. Its request and answer schemas come from the same msgspec Structs
+    that decode and encode them, so the document cannot drift from the behaviour; returns the
+    reference to `ErrorBody`."""
     body_type = Event | list[Event]
     (body_schema, result_schema, error_schema), components = msgspec.json.schema_components(
         (body_type, IngestResult, ErrorBody), ref_template="#/components/schemas/{name}"
     )
+    # `type` may be left out (it defaults to api_call), so it is neither required of ApiCall nor
+    # a discriminator; an empty batch is refused.
+    components["ApiCall"]["required"].remove("type")
+    for union in (body_schema["anyOf"][0]["items"], body_schema["anyOf"][1]):
+        union.pop("discriminator", None)
+    body_schema["anyOf"][0]["minItems"] = 1
     if openapi.components.schemas is None:
         openapi.components.schemas = {}
     openapi.components.schemas.update(cast("dict[str, Schema]", components))
@@ -354,20 +483,41 @@ def document_ingest(openapi: OpenAPI) -> None:
             }
         },
     )
+    return Reference(ref="#/components/schemas/ErrorBody")
 
 
 def _gunzip(body: bytes, limit: int, exporter: Exporter) -> bytes:
-    """Decompress a gzip body, refusing (413) before it grows past the body limit."""
-    inflater = zlib.decompressobj(wbits=31)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        exporter.count_self("events_rejected", ("invalid",))
-        raise HTTPException(status_code=400, detail=f"the gzip body is corrupt: {exc}") from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        exporter.count_self("events_rejected", ("too_large",))
-        raise HTTPException(status_code=413, detail=f"the decompressed body exceeds {limit} bytes")
-    return out
+    """Decompress a gzip body, refusing (413) before it grows past the body limit.
+
+    Every member is read (`cat a.gz b.gz` is one valid gzip body), and each must end with its
+    trailer: a cut-off stream would otherwise pass as the events that happen to precede the cut.
+    """
+    out: list[bytes] = []
+    size = 0
+    rest = body
+    while True:
+        inflater = zlib.decompressobj(wbits=31)
+        try:
+            chunk = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error as exc:
+            exporter.count_self("events_rejected", ("invalid",))
+            raise HTTPException(
+                status_code=400, detail=f"the gzip body is corrupt: {exc}"
+            ) from None
+        size += len(chunk)
+        out.append(chunk)
+        if size > limit or inflater.unconsumed_tail:
+            exporter.count_self("events_rejected", ("too_large",))
+            raise HTTPException(
+                status_code=413, detail=f"the decompressed body exceeds {limit} bytes"
+            )
+        if not inflater.eof:
+            exporter.count_self("events_rejected", ("invalid",))
+            raise HTTPException(status_code=400, detail="the gzip body is truncated")
+        rest = inflater.unused_data
+        # Like gzip(1), ignore the zero bytes some writers pad a stream with.
+        if not rest.strip(b"\x00"):
+            return b"".join(out)
 
 
 # -- seed 001: windows, tiers, recent, health ---------------------------------------------------
@@ -414,7 +564,12 @@ async def tier_detail(
     known.update(key[2] for key in aggregator.series_keys.values())
     if tier not in known:
         shown = tier if _TIER_PATTERN.match(tier) else repr(tier[:60])
-        raise NotFoundException(f"unknown tier {shown}; known tiers: {', '.join(sorted(known))}")
+        # Tiers come from events too, so there may be thousands: the answer names a few.
+        listed = sorted(known)
+        more = f" and {len(listed) - _TIERS_LISTED} more" if len(listed) > _TIERS_LISTED else ""
+        raise NotFoundException(
+            f"unknown tier {shown}; known tiers: {', '.join(listed[:_TIERS_LISTED])}{more}"
+        )
     snapshot = aggregator.window(window)
     row = snapshot.by_tier.get(tier, [0] * len(snapshot.total))
     return TierDetail(
@@ -702,17 +857,35 @@ async def pricing_set(request: Request[Any, Any, Any], model: str) -> Price:
         unknown = set(given) - set(Price.__struct_fields__) | ({"model"} & set(given))
         if unknown:
             raise ValueError(f"unknown fields: {', '.join(sorted(unknown))}")
-        if not 1 <= len(model) <= 200:
-            raise ValueError("the model id must be 1..200 characters")
+        if not _is_label(model):
+            raise ValueError("the model id must be 1..200 characters, none of them a control")
         provider, tier, _ = exporter.aggregator.pricing.classify(model)
         price = msgspec.convert(
             {"provider": provider, "tier": tier, **given, "model": model}, Price
         )
+        for name, value in (("provider", price.provider), ("tier", price.tier)):
+            # Both become label values of every call of this model: bounded like an event's.
+            if not _is_label(value):
+                raise ValueError(f"`{name}` must be 1..200 characters, none of them a control")
+        too_high = [
+            name
+            for name, value in msgspec.structs.asdict(price).items()
+            if name in _PRICE_RATES and value is not None and value > _MAX_PRICE_USD
+        ]
+        if too_high:
+            raise ValueError(
+                f"{', '.join(too_high)}: at most {_MAX_PRICE_USD:,.0f} USD per million tokens"
+            )
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
         raise HTTPException(status_code=422, detail=f"invalid price: {exc}") from None
     await exporter.writer.run_exclusive(lambda conn: save_price(conn, price))
     exporter.aggregator.pricing.set(price)
     return price
+
+
+def _is_label(value: str) -> bool:
+    """Whether `value` may be a label value: what an event's labels may be, 1..200 characters."""
+    return 1 <= len(value) <= 200 and _LABEL.search(value) is not None
 
 
 READ_HANDLERS: Final = [
