@@ -309,6 +309,16 @@ class BatchWriter:
                     self._waiters[:0] = waiters
                     self._failed(spill_exc, spilling=False)
                     return
+            except Exception as exc:
+                # Not the disk but a value SQLite or the driver cannot take (a bug upstream).
+                # Spilling it would only fail again at replay: keep the batch in memory, in
+                # order, say so loudly, and retry at the next interval (health is degraded).
+                self._failing = True
+                self._requeue(batch)
+                self._waiters[:0] = waiters
+                self._failed(exc, spilling=False)
+                log.exception("unexpected error writing a batch; it stays queued")
+                return
             else:
                 self._failing = False
                 if len(batch):

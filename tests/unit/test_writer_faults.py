@@ -211,3 +211,23 @@ async def test_close_says_how_many_events_neither_the_database_nor_the_disk_took
         await exporter.close()
     assert "3000 accepted events are lost" in caplog.text
     assert stored(tmp_path / "metrics.db") == (0, 0)
+
+
+async def test_a_value_sqlite_cannot_take_keeps_the_batch_queued_and_degraded(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(db_path=str(tmp_path / "m.db"), flush_interval=3600.0)
+    exporter = await Exporter.start(settings)
+    try:
+        # A cost past SQLite's 64-bit integers: the driver raises OverflowError, not a
+        # sqlite3.Error. Nothing may be lost and nothing may pretend to be committed.
+        exporter.record(ApiCall(model="gpt-4o", cost_usd=1e12))
+        exporter.record(ApiCall(model="gpt-4o", input_tokens=5))
+        await exporter.flush()
+        health = exporter.health()
+        assert health.degraded
+        assert health.queue_depth == 2
+        assert health.write_errors == 1
+        assert "OverflowError" in (health.last_error or "")
+    finally:
+        await exporter.close()  # the batch still fails: closing logs it as lost
