@@ -78,7 +78,7 @@ RETRY_AFTER_S: Final = 15 * 60
 #: the write queue (up to `flush_interval`) or come from clients a little late.
 ARCHIVE_GRACE_S: Final = 10 * 60
 #: Free pages given back per exclusive step (16 MiB of 4 KiB pages): each step holds the writer
-#: for tens of milliseconds at most (docs/reliability/maintenance-and-soak.md).
+#: for tens of milliseconds at most (docs/RELIABILITY.md, Maintenance).
 VACUUM_PAGES_PER_STEP: Final = 4096
 #: How long the hourly checkpoint waits for readers of an older snapshot. TRUNCATE (not
 #: PASSIVE) so the WAL file shrinks back after a burst; the writer is ours already (we run

@@ -338,6 +338,11 @@ class ExporterCollector:
                 "OTLP metric exports, by result.",
                 labels=("result",),
             ),
+            "maintenance_runs": CounterMetricFamily(
+                "cco_exporter_maintenance_runs",
+                "Maintenance tasks run (purge, vacuum, checkpoint, archive), by result.",
+                labels=("task", "result"),
+            ),
         }
         for (name, labels), count in exporter.self_counters.items():
             family = labelled.get(name)

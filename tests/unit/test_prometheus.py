@@ -269,6 +269,7 @@ async def test_self_metrics_report_the_writer_and_the_exporters_own_counters(
         exporter.count_self("events_ingested", ("http",), 8)
         exporter.count_self("events_rejected", ("invalid",))
         exporter.count_self("otlp_exports", ("failure",), 2)
+        exporter.count_self("maintenance_runs", ("purge", "success"), 3)
         await exporter.flush()
         families = scrape(metrics_registry(exporter))
         health = exporter.health()
@@ -292,6 +293,7 @@ async def test_self_metrics_report_the_writer_and_the_exporters_own_counters(
         assert value("cco_exporter_events_ingested", "_total", source="http") == 8
         assert value("cco_exporter_events_rejected", "_total", reason="invalid") == 1
         assert value("cco_exporter_otlp_exports", "_total", result="failure") == 2
+        assert value("cco_exporter_maintenance_runs", "_total", task="purge", result="success") == 3
         assert value("cco_exporter_label_overflow", "_total") == 0
         build_info = families["cco_exporter_build_info"]
         assert [(s.labels, s.value) for s in build_info.samples] == [({"version": __version__}, 1)]
