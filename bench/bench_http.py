@@ -333,7 +333,9 @@ def free_port() -> int:
 class Server:
     """`cco-exporter serve` in a subprocess, its output in `<name>.log` beside its database."""
 
-    def __init__(self, tmp: Path, name: str, otlp_base: str) -> None:
+    def __init__(
+        self, tmp: Path, name: str, otlp_base: str | None = None, *, heartbeat: bool = False
+    ) -> None:
         self.name = name
         self.db = tmp / f"{name}.db"
         self.log = tmp / f"{name}.log"
@@ -344,12 +346,11 @@ class Server:
             for key, value in os.environ.items()
             if not key.startswith(("CCO_EXPORTER_", "OTEL_"))
         }
-        self.env.update(
-            CCO_EXPORTER_HEARTBEAT_INTERVAL="0",
-            XDG_CONFIG_HOME=str(tmp / "config"),
-            CCO_EXPORTER_OTLP_ENDPOINT=otlp_base,
-            CCO_EXPORTER_OTLP_INTERVAL="1",
-        )
+        self.env["XDG_CONFIG_HOME"] = str(tmp / "config")
+        if not heartbeat:
+            self.env["CCO_EXPORTER_HEARTBEAT_INTERVAL"] = "0"
+        if otlp_base is not None:
+            self.env.update(CCO_EXPORTER_OTLP_ENDPOINT=otlp_base, CCO_EXPORTER_OTLP_INTERVAL="1")
         self.process: subprocess.Popen[bytes] | None = None
         self.client = httpx.Client(base_url=self.url, timeout=10)
 

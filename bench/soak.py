@@ -25,15 +25,11 @@ Not part of `make test`: it takes `--minutes` + about a minute.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import platform
 import random
-import re
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -51,10 +47,11 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_http import LOG_PROBLEM, Server  # noqa: E402  (the script's own folder)
+
 from exporter.simulate import synthetic_events  # noqa: E402  (needs the repo on sys.path)
 
 RESULTS_PATH = REPO / "bench" / "results" / "soak.json"
-START_TIMEOUT_S = 30.0
 DRAIN_TIMEOUT_S = 120.0
 #: Flat means RSS grows less than this over the second half, in MB per minute (20 min at this
 #: slope would be 10 MB: within the noise of the allocator, far from a leak per event).
@@ -67,7 +64,6 @@ WINDOW_FILL_S = 600.0
 #: Slopes over less time than this after the window filled are not judged.
 MIN_JUDGED_S = 180.0
 SCRAPED = ("/metrics", "/api/metrics/stats", "/api/metrics/current")
-LOG_PROBLEM = re.compile(r"\b(WARNING|ERROR|CRITICAL|Traceback)\b")
 
 
 @dataclass
@@ -104,13 +100,6 @@ class Scrapes:
         return taken
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return math.nan
@@ -130,71 +119,6 @@ def slope_per_min(points: list[tuple[float, float]]) -> float:
         return 0.0
     cov = sum((t - mean_t) * (v - mean_v) for t, v in points)
     return cov / var * 60
-
-
-class Server:
-    """`cco-exporter serve` in a subprocess, its output in `soak.log` beside its database."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.db = tmp / "soak.db"
-        self.log = tmp / "soak.log"
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("CCO_EXPORTER_", "OTEL_"))
-        }
-        self.env["XDG_CONFIG_HOME"] = str(tmp / "config")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Server:
-        command = [sys.executable, "-m", "exporter", "serve", "--host", "127.0.0.1"]
-        command += ["--port", self.url.rsplit(":", 1)[1], "--db", str(self.db)]
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited at start:\n{self.log.read_text()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/api/metrics/health", timeout=1).status_code == 200:
-                    return self
-            time.sleep(0.1)
-        raise RuntimeError(f"server did not answer within {START_TIMEOUT_S}s")
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def stop(self) -> int | None:
-        """SIGTERM and wait for the drain; kill if it hangs. The exit code (None if killed)."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-                return None
-        return self.process.returncode
-
-    def problems(self) -> list[str]:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return [line for line in text.splitlines() if LOG_PROBLEM.search(line)]
-
-    def rows(self) -> int:
-        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
-        try:
-            return int(conn.execute("SELECT count(*) FROM api_calls").fetchone()[0]) + int(
-                conn.execute("SELECT count(*) FROM activity_events").fetchone()[0]
-            )
-        finally:
-            conn.close()
 
 
 def scrape_loop(url: str, stop: threading.Event, scrapes: Scrapes) -> None:
@@ -259,7 +183,8 @@ def take_sample(
 
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     duration_s = args.minutes * 60
-    server = Server(tmp).start()
+    # The soak runs the server as shipped: defaults (heartbeat, maintenance on), OTLP off.
+    server = Server(tmp, "soak", heartbeat=True).start()
     stop = threading.Event()
     scrapes = Scrapes()
     scraper = threading.Thread(target=scrape_loop, args=(server.url, stop, scrapes), daemon=True)
@@ -310,7 +235,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "samples": [asdict(s) for s in samples],
         "probe_latencies": probes,
         "drained_health": drained,
-        "rows_after_stop": server.rows(),
+        "rows_after_stop": server.query("SELECT count(*) FROM api_calls")
+        + server.query("SELECT count(*) FROM activity_events"),
         "scrape_requests": scrapes.requests,
         "scrape_errors": scrapes.errors,
         "scrape_p99_ms_by_path": {
@@ -318,7 +244,9 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         },
         "simulate": simulate_summary[-1] if simulate_summary else "",
         "server_exit_code": exit_code,
-        "server_log_problems": server.problems(),
+        "server_log_problems": [
+            line for line in server.logs().splitlines() if LOG_PROBLEM.search(line)
+        ],
     }
 
 

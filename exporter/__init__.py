@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+#: Set before the imports below, so every module may `from exporter import __version__`.
+__version__ = "0.1.0"
+
 from exporter.aggregator import Aggregator, WindowSnapshot
 from exporter.engine import Exporter, QueueFull
 from exporter.events import (
@@ -38,5 +41,3 @@ __all__ = [
     "decode_batch",
     "decode_event",
 ]
-
-__version__ = "0.1.0"

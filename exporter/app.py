@@ -17,6 +17,7 @@ from litestar.config.cors import CORSConfig
 from litestar.config.response_cache import ResponseCacheConfig
 from litestar.openapi.config import OpenAPIConfig
 
+from exporter import __version__
 from exporter.engine import Exporter
 from exporter.logs import heartbeat_line
 from exporter.maintenance import Maintenance
@@ -114,7 +115,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             default_expiration=max(1, settings.cache_ttl),
             cache_response_filter=lambda _, status: settings.cache_ttl > 0 and status < 300,
         ),
-        openapi_config=OpenAPIConfig(title="cco-exporter", version=_version(), path="/schema"),
+        openapi_config=OpenAPIConfig(title="cco-exporter", version=__version__, path="/schema"),
         logging_config=None,
     )
     app.state.settings = settings
@@ -143,12 +144,6 @@ async def _heartbeat(exporter: Exporter) -> None:
     while True:
         await asyncio.sleep(interval)
         log.info("%s", heartbeat_line(exporter))
-
-
-def _version() -> str:
-    from exporter import __version__
-
-    return __version__
 
 
 def serve(settings: Settings) -> None:

@@ -24,6 +24,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from exporter import __version__
 from exporter.aggregator import HIST_OFFSET, HISTOGRAM_BOUNDS_S, SeriesKey
 from exporter.budget import ALL_PROJECTS, PERIODS, budget_lines, configured_budgets
 from exporter.engine import Exporter
@@ -312,10 +313,6 @@ class ExporterCollector:
     # -- the exporter itself ----------------------------------------------------------------------
 
     def _self_families(self) -> Iterator[Metric]:
-        # Imported here: `exporter/__init__.py` sets __version__ after imports that may reach
-        # this module, so a top-level import could find it unset.
-        from exporter import __version__
-
         exporter = self._exporter
         labelled = {
             "events_ingested": CounterMetricFamily(

@@ -44,6 +44,7 @@ from litestar.openapi.spec import Parameter as OpenAPIParameter
 from litestar.params import Parameter
 from litestar.types import HTTPResponseStartEvent, HTTPScope, Receive, Scope, Send
 
+from exporter import __version__
 from exporter.budget import configured_budgets
 from exporter.engine import Exporter
 from exporter.events import (
@@ -600,7 +601,7 @@ async def health(request: Request[Any, Any, Any]) -> Health:
     reachable = await _db_reachable(request)
     return Health(
         status="degraded" if state.degraded or not reachable else "ok",
-        version=_version(),
+        version=__version__,
         uptime_seconds=round(time.time() - exporter.started_at, 3),
         db_path=exporter.settings.db_path,
         db_reachable=reachable,
@@ -624,12 +625,6 @@ async def _db_reachable(request: Request[Any, Any, Any]) -> bool:
             return await cursor.fetchone() is not None
     except Exception:  # any failure to read means "not reachable", which health reports
         return False
-
-
-def _version() -> str:
-    from exporter import __version__
-
-    return __version__
 
 
 # -- seed 003: current, projects, models, activity ----------------------------------------------
