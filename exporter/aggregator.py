@@ -9,6 +9,7 @@ state when they are read, never on the per-event path.
 from __future__ import annotations
 
 import bisect
+import math
 import operator
 import time
 from collections import deque
@@ -28,7 +29,7 @@ from exporter.events import (
     SystemEvent,
 )
 from exporter.pricing import PricingTable, nanos_to_usd, usd_to_nanos
-from exporter.sketch import sketch_key
+from exporter.sketch import _INV_LOG_GAMMA, _MIN_VALUE, LatencySketch, sketch_key
 from exporter.windows import (
     CACHE_CREATION,
     CACHE_READ,
@@ -37,6 +38,7 @@ from exporter.windows import (
     ERRORS,
     LATENCY_COUNT,
     LATENCY_SUM,
+    RING_SECONDS,
     ROW_FIELDS,
     SAVINGS,
     TOKENS_IN,
@@ -61,9 +63,20 @@ HISTOGRAM_BOUNDS_S: Final = (
     0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
 )  # fmt: skip
 _BOUNDS_US: Final = tuple(round(b * 1_000_000) for b in HISTOGRAM_BOUNDS_S)
+# Bound once at import for the hot path (module globals and attribute lookups cost there).
+_bisect_left: Final = bisect.bisect_left
+_ceil: Final = math.ceil
+_log: Final = math.log
+_SKETCH_ZERO: Final = LatencySketch.ZERO
+_SKETCH_MIN: Final = _MIN_VALUE
+_SKETCH_SCALE: Final = _INV_LOG_GAMMA
 #: The per-series minute ring: ten one-minute slots; windows of 1, 5 and 10 slots (open included).
 _MINUTE_SLOTS: Final = 10
 _MINUTE_SPANS: Final = (1, 5, 10)
+#: Slots kept open besides the newest (see WindowRing): calls stamped up to 5 s (or in the
+#: previous minute) before now are added in place, not through the windows' sums.
+_SECOND_LAG: Final = 5
+_MINUTE_LAG: Final = 1
 #: Cumulative rows: the window row layout followed by one count per histogram bucket (+Inf last).
 HIST_OFFSET: Final = ROW_FIELDS
 TOTAL_FIELDS: Final = ROW_FIELDS + len(HISTOGRAM_BOUNDS_S) + 1
@@ -73,11 +86,11 @@ SeriesKey = tuple[str, str, str, str, str]
 Dimension = Literal["provider", "model", "tier", "project", "agent"]
 _DIMENSION_INDEX: Final = {"provider": 0, "model": 1, "tier": 2, "project": 3, "agent": 4}
 
-#: The api_calls row, in the column order of the store's INSERT: timestamp, series_id,
-#: session_id, input, output, cache_creation, cache_creation_1h, cache_read, latency_us,
-#: cost_nanos, savings_nanos, status (0 ok / 1 error), error_type.
+#: One call as the store writes it: timestamp, series_id, session_id (text; the store interns
+#: it), input, output, cache_creation, cache_creation_1h, cache_read, latency_us, cost_nanos,
+#: savings_nanos, status (0 ok / 1 error), error_type, request_id.
 CallRow = tuple[
-    int, int, str | None, int, int, int, int, int, int | None, int, int, int, str | None
+    int, int, str | None, int, int, int, int, int, int | None, int, int, int, str | None, str | None
 ]
 
 
@@ -132,9 +145,11 @@ class Aggregator:
         self.clock = clock
         now_s = int(clock())
         #: One-second buckets keyed by tier: the 1m / 5m / 10m windows and their percentiles.
-        self.ring: WindowRing[str] = WindowRing(now_s)
+        self.ring: WindowRing[str] = WindowRing(now_s, RING_SECONDS, (60, 300, 600), _SECOND_LAG)
         #: One-minute buckets keyed by series id: a window broken down by any label.
-        self.minutes: WindowRing[int] = WindowRing(now_s // 60, _MINUTE_SLOTS, _MINUTE_SPANS)
+        self.minutes: WindowRing[int] = WindowRing(
+            now_s // 60, _MINUTE_SLOTS, _MINUTE_SPANS, _MINUTE_LAG
+        )
         #: Label set <-> series id; the ids are the store's `series.id`.
         self.series_ids: dict[SeriesKey, int] = {}
         self.series_keys: dict[int, SeriesKey] = {}
@@ -158,7 +173,9 @@ class Aggregator:
     def record_call(self, event: ApiCall, ts_ms: int) -> CallRow:
         """Count one API call; fills in its timestamp, provider, tier and cost; returns its row.
 
-        This is the hot path: everything it touches is a dict lookup or an integer add.
+        This is the hot path: everything it touches is a dict lookup or an integer add, and the
+        adds to the three rows it updates (totals, the open second's tier row, the open minute's
+        series row) are written out in place; a helper call per row cost a tenth of the time.
         """
         model = event.model
         tokens_in, tokens_out = event.input_tokens, event.output_tokens
@@ -183,7 +200,6 @@ class Aggregator:
         else:
             cost = round(event.cost_usd * 1e9)
         latency = event.latency_ms
-        latency_us = None if latency is None else round(latency * 1000)
         error = 1 if event.status == "error" else 0
         event.timestamp = ts_ms
 
@@ -199,6 +215,30 @@ class Aggregator:
             today[project] = today.get(project, 0) + cost
         else:
             spend.add_other_day(ts_ms, project, cost)
+        self.last_seen[series_id] = ts_ms
+
+        total = self.totals[series_id]
+        total[CALLS] += 1
+        total[ERRORS] += error
+        total[TOKENS_IN] += tokens_in
+        total[TOKENS_OUT] += tokens_out
+        total[CACHE_READ] += cache_read
+        total[CACHE_CREATION] += cache_creation
+        total[COST] += cost
+        total[SAVINGS] += savings
+        if latency is None:
+            latency_us = None
+            latency_key = 0
+        else:
+            latency_us = round(latency * 1000)
+            total[LATENCY_SUM] += latency_us
+            total[LATENCY_COUNT] += 1
+            total[HIST_OFFSET + _bisect_left(_BOUNDS_US, latency_us)] += 1
+            # sketch_key(latency_us / 1000.0), inlined.
+            value = latency_us / 1000.0
+            latency_key = (
+                _SKETCH_ZERO if value <= _SKETCH_MIN else _ceil(_log(value) * _SKETCH_SCALE)
+            )
         row = (
             ts_ms,
             series_id,
@@ -213,48 +253,69 @@ class Aggregator:
             savings,
             error,
             event.error_type,
+            event.request_id,
         )
-        self.last_seen[series_id] = ts_ms
-        total = self.totals[series_id]
-        _add_call(total, error, tokens_in, tokens_out, cache_read, cache_creation, cost, savings)
-        if latency_us is not None:
-            total[LATENCY_SUM] += latency_us
-            total[LATENCY_COUNT] += 1
-            total[HIST_OFFSET + bisect.bisect_left(_BOUNDS_US, latency_us)] += 1
 
         ring = self.ring
         now_s = int(self.clock())
         if now_s > ring.current:
             ring.advance(now_s)
-        if ts_ms // 1000 >= now_s:
-            # The open second (or a client clock a little ahead): add in place, no allocation
+        current = ring.current
+        second = ts_ms // 1000
+        if second >= current - _SECOND_LAG:
+            # An open second (or a client clock a little ahead): add in place, no allocation
             # beyond the first event of a tier in this second.
-            bucket = ring.open
+            bucket = ring.open if second >= current else ring.buckets[second % RING_SECONDS]
             sums = bucket.rows.get(tier)
             if sums is None:
                 sums = bucket.rows[tier] = [0] * ROW_FIELDS
-            _add_call(sums, error, tokens_in, tokens_out, cache_read, cache_creation, cost, savings)
+            sums[CALLS] += 1
+            sums[ERRORS] += error
+            sums[TOKENS_IN] += tokens_in
+            sums[TOKENS_OUT] += tokens_out
+            sums[CACHE_READ] += cache_read
+            sums[CACHE_CREATION] += cache_creation
+            sums[COST] += cost
+            sums[SAVINGS] += savings
             if latency_us is not None:
                 sums[LATENCY_SUM] += latency_us
                 sums[LATENCY_COUNT] += 1
-                bucket.sketch.add_key(sketch_key(latency_us / 1000.0))
+                bucket.sketch.add_key(latency_key)
         else:
-            ring.add(ts_ms // 1000, tier, _window_row(row), _latency_key(latency_us), 1)
+            ring.add(
+                second,
+                tier,
+                _window_row(row),
+                None if latency_us is None else latency_key,
+                1,
+            )
         minutes = self.minutes
         now_m = now_s // 60
         if now_m > minutes.current:
             minutes.advance(now_m)
-        if ts_ms // 60_000 >= now_m:
-            rows = minutes.open.rows
+        current = minutes.current
+        minute = ts_ms // 60_000
+        if minute >= current - _MINUTE_LAG:
+            if minute >= current:
+                rows = minutes.open.rows
+            else:
+                rows = minutes.buckets[minute % _MINUTE_SLOTS].rows
             sums = rows.get(series_id)
             if sums is None:
                 sums = rows[series_id] = [0] * ROW_FIELDS
-            _add_call(sums, error, tokens_in, tokens_out, cache_read, cache_creation, cost, savings)
+            sums[CALLS] += 1
+            sums[ERRORS] += error
+            sums[TOKENS_IN] += tokens_in
+            sums[TOKENS_OUT] += tokens_out
+            sums[CACHE_READ] += cache_read
+            sums[CACHE_CREATION] += cache_creation
+            sums[COST] += cost
+            sums[SAVINGS] += savings
             if latency_us is not None:
                 sums[LATENCY_SUM] += latency_us
                 sums[LATENCY_COUNT] += 1
         else:
-            minutes.add(ts_ms // 60_000, series_id, _window_row(row), None, 1)
+            minutes.add(minute, series_id, _window_row(row), None, 1)
         self.recent.append(event)
         return row
 
@@ -404,27 +465,6 @@ class Aggregator:
         for row in self.totals.values():
             add_row(out, row)
         return out
-
-
-def _add_call(
-    sums: list[int],
-    error: int,
-    tokens_in: int,
-    tokens_out: int,
-    cache_read: int,
-    cache_creation: int,
-    cost: int,
-    savings: int,
-) -> None:
-    """Add one call's counts to a row of sums in place (latency is added by the caller)."""
-    sums[CALLS] += 1
-    sums[ERRORS] += error
-    sums[TOKENS_IN] += tokens_in
-    sums[TOKENS_OUT] += tokens_out
-    sums[CACHE_READ] += cache_read
-    sums[CACHE_CREATION] += cache_creation
-    sums[COST] += cost
-    sums[SAVINGS] += savings
 
 
 def _window_row(row: CallRow) -> list[int]:

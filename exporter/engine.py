@@ -136,9 +136,7 @@ class Exporter:
         ts = event.timestamp
         ts_ms = int(self._clock() * 1000) if ts is None else cast(int, ts)
         if is_call:
-            self.writer.enqueue_call(
-                self.aggregator.record_call(cast(ApiCall, event), ts_ms), request_id
-            )
+            self.writer.enqueue_call(self.aggregator.record_call(cast(ApiCall, event), ts_ms))
         else:
             self.aggregator.record_other(event, ts_ms)
             self.writer.enqueue_other(event)

@@ -162,7 +162,10 @@ class PricingTable:
     ) -> tuple[str, str, int | None, int]:
         """Everything the aggregator needs from one lookup: (provider, tier, cost nano-USD or
         None when unpriced, cache savings nano-USD)."""
-        compiled = self._match(model)
+        try:
+            compiled = self._match_cache[model]  # _match(), inlined for the cached case
+        except KeyError:
+            compiled = self._match(model)
         if compiled is None:
             return infer_provider(model), tier_by_name(model), None, 0
         prompt = input_tokens + cache_creation_tokens + cache_read_tokens

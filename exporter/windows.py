@@ -74,56 +74,76 @@ class _Bucket(Generic[K]):
 
 
 class WindowRing(Generic[K]):
-    """The ring; `current` is the open slot (epoch seconds // slot width). Time only moves
-    forward. `spans` are the windows' lengths in slots, the open slot included."""
+    """The ring; `current` is the newest slot (epoch seconds // slot width). Time only moves
+    forward. `spans` are the windows' lengths in slots, the newest slot included.
+
+    The newest `lag + 1` slots stay open: an event stamped in one of them (clients stamp a call
+    when it ends and send it a moment later) is added to its bucket in place, like one stamped
+    now; only older slots are in the windows' incremental sums. A window read adds the open
+    slots' buckets, at most `lag + 1` of them.
+    """
 
     def __init__(
-        self, now_slot: int, slots: int = RING_SECONDS, spans: tuple[int, ...] = (60, 300, 600)
+        self,
+        now_slot: int,
+        slots: int = RING_SECONDS,
+        spans: tuple[int, ...] = (60, 300, 600),
+        lag: int = 0,
     ) -> None:
+        if not 0 <= lag < slots or max(spans) > slots:
+            raise ValueError("need 0 <= lag < slots and every span <= slots")
         self._slots = slots
         self._spans = spans
-        self._buckets: list[_Bucket[K]] = [_Bucket() for _ in range(slots)]
+        self.lag = lag
+        self.buckets: list[_Bucket[K]] = [_Bucket() for _ in range(slots)]
         self._closed: list[dict[K, list[int]]] = [{} for _ in spans]
         self._closed_sketches = [LatencySketch() for _ in spans]
         self.current = now_slot
-        self.open = self._buckets[now_slot % slots]
-        self.open.reset(now_slot)
+        self._open_slots(now_slot)
+
+    def _open_slots(self, now: int) -> None:
+        # Every open slot's bucket is its own (reset when it became current, or here).
+        for slot in range(now - self.lag, now + 1):
+            self.buckets[slot % self._slots].reset(slot)
+        self.open = self.buckets[now % self._slots]
 
     def advance(self, now_s: int) -> None:
-        """Close every slot up to `now_s` (a slot number), moving each window forward."""
+        """Move the newest slot to `now_s` (a slot number), closing the slots that leave the
+        open range and moving each window forward."""
         if now_s <= self.current:
             return
         if now_s - self.current >= self._slots:
-            for bucket in self._buckets:
+            for bucket in self.buckets:
                 bucket.reset(-1)
             for closed, sketch in zip(self._closed, self._closed_sketches, strict=True):
                 closed.clear()
                 sketch.clear()
-        else:
-            for second in range(self.current, now_s):
-                self._close(second)
+            self.current = now_s
+            self._open_slots(now_s)
+            return
+        for slot in range(self.current + 1, now_s + 1):
+            self._step(slot)
         self.current = now_s
-        self.open = self._buckets[now_s % self._slots]
-        self.open.reset(now_s)
+        self.open = self.buckets[now_s % self._slots]
 
     def add(self, second: int, key: K, row: list[int], sketch_key: int | None, sign: int) -> bool:
-        """Add (or, with sign -1, take back) one event's row at `second`.
+        """Add (or, with sign -1, take back) one event's row at `second` (a slot number).
 
-        Seconds after the open one are clamped to it (clients' clocks run a little ahead);
-        seconds that have left the ring are not windowed. Returns whether the event was placed.
+        Slots after the newest are clamped to it (clients' clocks run a little ahead); slots
+        that have left the ring are not windowed. Returns whether the event was placed.
         """
         current = self.current
         if second > current:
             second = current
         elif second <= current - self._slots:
             return False
-        bucket = self._buckets[second % self._slots]
+        bucket = self.buckets[second % self._slots]
         if bucket.second != second:
             bucket.reset(second)
         _add_to(bucket.rows, key, row, sign)
         if sketch_key is not None:
             bucket.sketch.add_key(sketch_key, sign)
-        if second < current:
+        if second < current - self.lag:
             for index, span in enumerate(self._spans):
                 if second > current - span:
                     _add_to(self._closed[index], key, row, sign)
@@ -135,26 +155,33 @@ class WindowRing(Generic[K]):
         """Rows per key and the latency sketch of the last `span` slots (a copy)."""
         index = self._spans.index(span)
         rows = {key: list(row) for key, row in self._closed[index].items()}
-        for key, row in self.open.rows.items():
-            _add_to(rows, key, row, 1)
         sketch = self._closed_sketches[index].copy()
-        sketch.merge(self.open.sketch)
+        for slot in range(self.current - min(self.lag, span - 1), self.current + 1):
+            bucket = self.buckets[slot % self._slots]
+            for key, row in bucket.rows.items():
+                _add_to(rows, key, row, 1)
+            sketch.merge(bucket.sketch)
         return {key: row for key, row in rows.items() if any(row)}, sketch
 
-    def _close(self, second: int) -> None:
-        closing = self._buckets[second % self._slots]
-        if closing.second == second:
-            for index in range(len(self._spans)):
+    def _step(self, now: int) -> None:
+        """The newest slot becomes `now`: slot now-lag-1 closes, each window's oldest leaves."""
+        lag = self.lag
+        closing = self.buckets[(now - lag - 1) % self._slots]
+        closing_slot = now - lag - 1
+        for index, span in enumerate(self._spans):
+            if span <= lag + 1:
+                continue  # a window this short only ever holds open slots
+            if closing.second == closing_slot:
                 for key, row in closing.rows.items():
                     _add_to(self._closed[index], key, row, 1)
                 self._closed_sketches[index].merge(closing.sketch)
-        following = second + 1
-        for index, span in enumerate(self._spans):
-            leaving = self._buckets[(following - span) % self._slots]
-            if leaving.second == following - span:
+            leaving_slot = now - span
+            leaving = self.buckets[leaving_slot % self._slots]
+            if leaving.second == leaving_slot:
                 for key, row in leaving.rows.items():
                     _add_to(self._closed[index], key, row, -1)
                 self._closed_sketches[index].merge(leaving.sketch, -1)
+        self.buckets[now % self._slots].reset(now)
 
 
 def _add_to(rows: dict[K, list[int]], key: K, row: list[int], sign: int) -> None:

@@ -9,7 +9,6 @@ import msgspec
 
 from exporter.aggregator import HIST_OFFSET, TOTAL_FIELDS, Aggregator, CallRow
 from exporter.events import ApiCall, Event
-from exporter.store.writer import CALL_COLUMNS
 from exporter.windows import RING_SECONDS
 
 __all__ = [
@@ -29,11 +28,17 @@ __all__ = [
 ACTIVITY_TYPES: Final = ("api_call", "cache_hit", "cache_miss", "error", "model_override", "system")
 HISTORY_DIMENSIONS: Final = ("provider", "model", "tier", "project", "agent")
 _CALL_EVENT_COLUMNS: Final = (
-    "s.provider, s.model, s.tier, s.project, NULLIF(s.agent, ''), c.session_id, r.request_id,"
+    "s.provider, s.model, s.tier, s.project, NULLIF(s.agent, ''), x.session_id, c.request_id,"
     " c.input_tokens, c.output_tokens, c.cache_creation_tokens, c.cache_creation_1h_tokens,"
     " c.cache_read_tokens, c.latency_us, c.cost_nanos, c.status, c.error_type"
 )
 
+#: api_calls columns read back as a CallRow (the session is not needed: NULL).
+_CALL_ROW: Final = (
+    "timestamp, series_id, NULL, input_tokens, output_tokens, cache_creation_tokens,"
+    " cache_creation_1h_tokens, cache_read_tokens, latency_us, cost_nanos, savings_nanos,"
+    " status, error_type, request_id"
+)
 _TOTAL_COLUMNS: Final = (
     "calls, errors, input_tokens, output_tokens, cache_read_tokens, cache_creation_tokens,"
     " cost_nanos, savings_nanos, latency_us_sum, latency_count, "
@@ -42,7 +47,7 @@ _TOTAL_COLUMNS: Final = (
 
 
 class PurgeResult(msgspec.Struct, frozen=True):
-    """How many rows a purge removed, per table."""
+    """How many rows a purge removed, per table (`request_ids`: removed calls that carried one)."""
 
     api_calls: int
     request_ids: int
@@ -72,7 +77,7 @@ async def restore(conn: aiosqlite.Connection, aggregator: Aggregator, now_ms: in
     since = now_ms - RING_SECONDS * 1000
     refilled = 0
     async with conn.execute(
-        f"SELECT {CALL_COLUMNS} FROM api_calls WHERE timestamp > ? ORDER BY timestamp", (since,)
+        f"SELECT {_CALL_ROW} FROM api_calls WHERE timestamp > ? ORDER BY timestamp", (since,)
     ) as cursor:
         async for row in cursor:
             call: CallRow = tuple(row)
@@ -124,8 +129,8 @@ async def restore_spend(conn: aiosqlite.Connection, aggregator: Aggregator) -> i
 async def recent_request_ids(conn: aiosqlite.Connection, limit: int) -> list[str]:
     """The newest `limit` stored request ids, oldest first (to seed the in-memory dedup set)."""
     async with conn.execute(
-        "SELECT request_id FROM (SELECT request_id, call_id FROM request_ids"
-        " ORDER BY call_id DESC LIMIT ?) ORDER BY call_id",
+        "SELECT request_id FROM (SELECT id, request_id FROM api_calls"
+        " WHERE request_id IS NOT NULL ORDER BY id DESC LIMIT ?) ORDER BY id",
         (limit,),
     ) as cursor:
         return [str(row[0]) for row in await cursor.fetchall()]
@@ -141,15 +146,11 @@ async def purge(
     await conn.execute("BEGIN IMMEDIATE")
     try:
         async with conn.execute(
-            "SELECT coalesce(max(id), 0) FROM api_calls WHERE timestamp < ?", (calls_before_ms,)
+            "SELECT count(request_id) FROM api_calls WHERE timestamp < ?", (calls_before_ms,)
         ) as cursor:
             row = await cursor.fetchone()
+        request_ids = int(row[0]) if row else 0
         calls = await conn.execute("DELETE FROM api_calls WHERE timestamp < ?", (calls_before_ms,))
-        ids = await conn.execute(
-            "DELETE FROM request_ids WHERE call_id NOT IN (SELECT id FROM api_calls)"
-            if row and row[0]
-            else "DELETE FROM request_ids WHERE 0"
-        )
         activity = await conn.execute(
             "DELETE FROM activity_events WHERE timestamp < ?", (calls_before_ms,)
         )
@@ -160,7 +161,7 @@ async def purge(
     except BaseException:
         await conn.execute("ROLLBACK")
         raise
-    return PurgeResult(calls.rowcount, ids.rowcount, activity.rowcount, rollups.rowcount)
+    return PurgeResult(calls.rowcount, request_ids, activity.rowcount, rollups.rowcount)
 
 
 class ActivityQuery(msgspec.Struct, frozen=True, kw_only=True):
@@ -188,7 +189,7 @@ async def activity(conn: aiosqlite.Connection, query: ActivityQuery) -> tuple[li
         parts.append(
             "SELECT c.timestamp AS ts, 0 AS src, c.id AS id, NULL AS payload,"
             f" {_CALL_EVENT_COLUMNS} FROM api_calls c JOIN series s ON s.id = c.series_id"
-            f" LEFT JOIN request_ids r ON r.call_id = c.id{where}"
+            f" LEFT JOIN sessions x ON x.id = c.session{where}"
         )
         counts.append(
             (f"SELECT count(*) FROM api_calls c JOIN series s ON s.id = c.series_id{where}", values)

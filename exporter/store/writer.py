@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -26,7 +27,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import aiosqlite
 import msgspec
@@ -37,6 +38,7 @@ from exporter.aggregator import (
     TOTAL_FIELDS,
     Aggregator,
     CallRow,
+    SeriesKey,
     counter_updates,
 )
 from exporter.events import CacheHit, Event, event_from_dict, timestamp_ms
@@ -46,13 +48,26 @@ __all__ = ["CALL_COLUMNS", "BatchWriter", "QueueFull", "WriterHealth"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: api_calls columns in the order of a CallRow.
+#: api_calls columns in the order of a CallRow (`session` holds the interned session's id).
 CALL_COLUMNS: Final = (
-    "timestamp, series_id, session_id, input_tokens, output_tokens, cache_creation_tokens,"
+    "timestamp, series_id, session, input_tokens, output_tokens, cache_creation_tokens,"
     " cache_creation_1h_tokens, cache_read_tokens, latency_us, cost_nanos, savings_nanos,"
-    " status, error_type"
+    " status, error_type, request_id"
 )
-_INSERT_CALL: Final = f"INSERT INTO api_calls ({CALL_COLUMNS}) VALUES ({', '.join('?' * 13)})"
+# A batch of calls is inserted by multi-row INSERT ... VALUES statements of up to 1,024 rows,
+# run on the connection's thread with the GIL released for each whole statement. executemany()
+# steps row by row and takes the GIL back after every row: with the event loop busy on the
+# other core, every take waits out a switch interval, and the writer managed a few thousand rows
+# a second. A JSON array unpacked by json_each would need one release per batch, but SQLite's
+# JSON parsing costs twice the insert itself. A session is bound as its interned id, looked up
+# here: a scalar subquery per row made the insert three times slower. Statement sizes are
+# powers of two, so at most eleven statements are ever compiled (and then cached by the driver).
+_INSERT_ROWS_MAX: Final = 1024
+_CALL_VALUES: Final = "(" + ", ".join("?" * 14) + ")"
+_CALL_FIELDS: Final = 14
+_STORED_REQUEST_IDS: Final = (
+    "SELECT request_id FROM api_calls WHERE request_id IN (SELECT value FROM json_each(?))"
+)
 _SUMS: Final = (
     ("calls", "count(*)"),
     ("errors", "sum(status)"),
@@ -101,17 +116,25 @@ FROM (
 ) AS agg
 WHERE series.id = agg.series_id
 """
+#: Sessions new in a batch, as [[session_id, project, first timestamp], ...] (JSON): their ids
+#: must exist before the calls that name them are inserted.
+_NEW_SESSIONS: Final = """
+INSERT INTO sessions (session_id, project, first_seen, last_seen)
+SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 2 FROM json_each(?) WHERE true
+ON CONFLICT (session_id) DO NOTHING
+"""
 _SESSIONS_FROM_CALLS: Final = """
-INSERT INTO sessions (session_id, project, first_seen, last_seen, calls, cost_nanos)
-SELECT c.session_id, s.project, min(c.timestamp), max(c.timestamp), count(*), sum(c.cost_nanos)
-FROM api_calls c JOIN series s ON s.id = c.series_id
-WHERE c.id BETWEEN ? AND ? AND c.session_id IS NOT NULL
-GROUP BY c.session_id
-ON CONFLICT (session_id) DO UPDATE SET
-    first_seen = min(first_seen, excluded.first_seen),
-    last_seen = max(last_seen, excluded.last_seen),
-    calls = calls + excluded.calls,
-    cost_nanos = cost_nanos + excluded.cost_nanos
+UPDATE sessions SET
+    first_seen = min(sessions.first_seen, agg.first_seen),
+    last_seen = max(sessions.last_seen, agg.last_seen),
+    calls = sessions.calls + agg.calls,
+    cost_nanos = sessions.cost_nanos + agg.cost_nanos
+FROM (
+    SELECT session, min(timestamp) AS first_seen, max(timestamp) AS last_seen,
+        count(*) AS calls, sum(cost_nanos) AS cost_nanos
+    FROM api_calls WHERE id BETWEEN ? AND ? AND session IS NOT NULL GROUP BY session
+) AS agg
+WHERE sessions.id = agg.session
 """
 _UPSERT_COUNTER: Final = (
     "INSERT INTO event_counters (name, labels, value) VALUES (?, ?, ?)"
@@ -122,7 +145,6 @@ INSERT INTO metrics_aggregated (minute, series_id, {_SUM_FIELDS})
 VALUES (?, ?, 0, 0, 0, 0, 0, 0, 0, ?, 0, 0)
 ON CONFLICT (minute, series_id) DO UPDATE SET savings_nanos = savings_nanos + excluded.savings_nanos
 """
-_IN_CHUNK: Final = 500
 _SPILL_PROGRESS_KEY: Final = "spill_progress"
 
 
@@ -147,14 +169,12 @@ class WriterHealth(msgspec.Struct, frozen=True):
 
 
 class _Batch:
-    """What one flush writes: call rows with their request ids, and other events."""
+    """What one flush writes: call rows (their request ids included) and other events."""
 
-    __slots__ = ("calls", "others", "request_ids")
+    __slots__ = ("calls", "others")
 
     def __init__(self) -> None:
         self.calls: list[CallRow] = []
-        #: (index into calls, request_id) for the calls that carry one.
-        self.request_ids: list[tuple[int, str]] = []
         self.others: list[Event] = []
 
     def __len__(self) -> int:
@@ -211,12 +231,14 @@ class BatchWriter:
     def has_room(self, count: int = 1) -> bool:
         return self.depth + count <= self.max_queue
 
-    def enqueue_call(self, row: CallRow, request_id: str | None) -> None:
-        pending = self._pending
-        if request_id is not None:
-            pending.request_ids.append((len(pending.calls), request_id))
-        pending.calls.append(row)
-        self._after_enqueue()
+    def enqueue_call(self, row: CallRow) -> None:
+        self._pending.calls.append(row)
+        # _after_enqueue(), inlined: this runs once per call.
+        depth = self._depth = self._depth + 1
+        if depth >= self.batch_size:
+            self._wake.set()
+        if depth >= self.max_queue:
+            self._space.clear()
 
     def enqueue_other(self, event: Event) -> None:
         self._pending.others.append(event)
@@ -295,6 +317,11 @@ class BatchWriter:
                     await self._replay_spill()
                 if len(batch) or self._aggregator.new_series:
                     written = await self._commit(batch)
+            except sqlite3.IntegrityError as exc:
+                # A value the schema refuses (a cost past 64-bit integers from the Python API,
+                # say): not the disk, and spilling would only fail again at replay.
+                self._hold(batch, waiters, exc)
+                return
             except (sqlite3.Error, OSError) as exc:
                 # Put the batch on disk behind any earlier backlog, so order is kept.
                 self._failing = True
@@ -310,14 +337,7 @@ class BatchWriter:
                     self._failed(spill_exc, spilling=False)
                     return
             except Exception as exc:
-                # Not the disk but a value SQLite or the driver cannot take (a bug upstream).
-                # Spilling it would only fail again at replay: keep the batch in memory, in
-                # order, say so loudly, and retry at the next interval (health is degraded).
-                self._failing = True
-                self._requeue(batch)
-                self._waiters[:0] = waiters
-                self._failed(exc, spilling=False)
-                log.exception("unexpected error writing a batch; it stays queued")
+                self._hold(batch, waiters, exc)
                 return
             else:
                 self._failing = False
@@ -331,10 +351,18 @@ class BatchWriter:
                 if not waiter.done():
                     waiter.set_result(None)
 
+    def _hold(self, batch: _Batch, waiters: list[asyncio.Future[None]], exc: Exception) -> None:
+        """Not the disk but a value SQLite or the driver cannot take (a bug upstream).
+        Spilling it would only fail again at replay: keep the batch in memory, in order, say so
+        loudly, and retry at the next interval (health is degraded)."""
+        self._failing = True
+        self._requeue(batch)
+        self._waiters[:0] = waiters
+        self._failed(exc, spilling=False)
+        log.error("unexpected error writing a batch; it stays queued", exc_info=exc)
+
     def _requeue(self, batch: _Batch) -> None:
         pending = self._pending
-        shift = len(batch.calls)
-        pending.request_ids = batch.request_ids + [(i + shift, r) for i, r in pending.request_ids]
         pending.calls = batch.calls + pending.calls
         pending.others = batch.others + pending.others
         self._depth += len(batch)
@@ -407,40 +435,10 @@ class BatchWriter:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 [(sid, *keys[sid]) for sid in new_series],
             )
-        calls, request_ids = batch.calls, batch.request_ids
         duplicates: list[CallRow] = []
-        if request_ids:
-            stored = await self._stored(
-                "SELECT request_id FROM request_ids WHERE request_id IN ({})",
-                [rid for _, rid in request_ids],
-            )
-            seen: set[str] = set()
-            drop: set[int] = set()
-            for index, rid in request_ids:
-                if rid in stored or rid in seen:
-                    drop.add(index)
-                seen.add(rid)
-            if drop:
-                duplicates = [calls[i] for i in sorted(drop)]
-                kept = [i for i in range(len(calls)) if i not in drop]
-                position = {old: new for new, old in enumerate(kept)}
-                calls = [calls[i] for i in kept]
-                request_ids = [(position[i], rid) for i, rid in request_ids if i not in drop]
-        if calls:
-            async with conn.execute("SELECT coalesce(max(id), 0) FROM api_calls") as cursor:
-                row = await cursor.fetchone()
-            base = int(row[0]) if row else 0
-            await conn.executemany(_INSERT_CALL, calls)
-            # Single writer: SQLite numbers new rows max(id)+1, max(id)+2, ... in insert order.
-            if request_ids:
-                await conn.executemany(
-                    "INSERT INTO request_ids (request_id, call_id) VALUES (?, ?)",
-                    [(rid, base + 1 + index) for index, rid in request_ids],
-                )
-            span = (base + 1, base + len(calls))
-            await conn.execute(_ROLLUP_FROM_CALLS, span)
-            await conn.execute(_SERIES_FROM_CALLS, span)
-            await conn.execute(_SESSIONS_FROM_CALLS, span)
+        if batch.calls:
+            keys = aggregator.series_keys
+            duplicates = await _on_connection_thread(conn, _write_calls, batch.calls, keys)
         duplicate_others = await self._write_others(batch.others) if batch.others else []
         return duplicates, duplicate_others
 
@@ -450,7 +448,8 @@ class BatchWriter:
         stored: set[str] = set()
         if keyed:
             stored = await self._stored(
-                "SELECT type || ':' || request_id FROM activity_events WHERE request_id IN ({})",
+                "SELECT type || ':' || request_id FROM activity_events WHERE request_id IN"
+                " (SELECT value FROM json_each(?))",
                 list({e.request_id for e in keyed if e.request_id is not None}),
             )
         duplicates: list[Event] = []
@@ -516,13 +515,9 @@ class BatchWriter:
         )
 
     async def _stored(self, query: str, values: list[str]) -> set[str]:
-        found: set[str] = set()
-        for start in range(0, len(values), _IN_CHUNK):
-            chunk = values[start : start + _IN_CHUNK]
-            sql = query.format(", ".join("?" * len(chunk)))
-            async with self._conn.execute(sql, chunk) as cursor:
-                found.update(str(row[0]) for row in await cursor.fetchall())
-        return found
+        """The values `query` finds stored; it reads them from one JSON array parameter."""
+        async with self._conn.execute(query, (msgspec.json.encode(values),)) as cursor:
+            return {str(row[0]) for row in await cursor.fetchall()}
 
     # -- spill and replay -------------------------------------------------------------------
 
@@ -542,11 +537,8 @@ class BatchWriter:
     def _spill(self, batch: _Batch) -> None:
         """Append one batch as a JSON line (series by their labels, not ids), fsync'd."""
         keys = self._aggregator.series_keys
-        rids = dict(batch.request_ids)
-        calls = [
-            [row[0], list(keys[row[1]]), *row[2:], rids.get(index)]
-            for index, row in enumerate(batch.calls)
-        ]
+        # The request id is the last field of a row: the layout of spill files before it was.
+        calls = [[row[0], list(keys[row[1]]), *row[2:]] for row in batch.calls]
         line = msgspec.json.encode({"calls": calls, "others": batch.others}) + b"\n"
         if self._spill_id is None:
             spill_id = uuid.uuid4().hex
@@ -648,10 +640,7 @@ class BatchWriter:
             series_id = aggregator.series_ids.get(key)
             if series_id is None:
                 series_id = aggregator.intern_series(key)
-            request_id = item[-1]
-            if request_id is not None:
-                batch.request_ids.append((len(batch.calls), request_id))
-            batch.calls.append((item[0], series_id, *item[2:-1]))
+            batch.calls.append((item[0], series_id, *item[2:]))
         batch.others = [event_from_dict(item) for item in data["others"]]
         return batch
 
@@ -668,3 +657,86 @@ class BatchWriter:
         self._spill_id = None
         self._spill_events = 0
         log.info("spill file replayed into the database")
+
+
+def _drop_repeated(calls: list[CallRow], stored: set[str]) -> tuple[list[CallRow], list[CallRow]]:
+    """(calls to write, calls to take back): a request id already stored, or seen earlier in
+    the batch, is a repeat."""
+    kept: list[CallRow] = []
+    repeated: list[CallRow] = []
+    seen: set[str] = set()
+    for row in calls:
+        request_id = row[13]
+        if request_id is not None:
+            if request_id in stored or request_id in seen:
+                repeated.append(row)
+                continue
+            seen.add(request_id)
+        kept.append(row)
+    return kept, repeated
+
+
+async def _on_connection_thread(
+    conn: aiosqlite.Connection, work: Callable[..., T], *args: Any
+) -> T:
+    """`work(sqlite3_connection, *args)` on the connection's own thread, queued behind its other
+    operations like any aiosqlite call (aiosqlite has no public API for a whole function)."""
+    result = await conn._execute(work, conn._conn, *args)  # type: ignore[no-untyped-call]
+    return cast(T, result)
+
+
+def _write_calls(
+    db: sqlite3.Connection, calls: list[CallRow], series_keys: dict[int, SeriesKey]
+) -> list[CallRow]:
+    """Insert a batch of calls with their rollups, series totals and sessions; returns the calls
+    not written because their request id is stored already (or repeated in the batch).
+
+    Runs on the connection's own thread, inside the flush's transaction: one hop from the event
+    loop for the whole batch instead of one per statement.
+    """
+    duplicates: list[CallRow] = []
+    request_ids = [row[13] for row in calls if row[13] is not None]
+    if request_ids:
+        found = db.execute(_STORED_REQUEST_IDS, (msgspec.json.encode(request_ids),))
+        stored = {str(row[0]) for row in found}
+        if stored or len(set(request_ids)) < len(request_ids):
+            calls, duplicates = _drop_repeated(calls, stored)
+            if not calls:
+                return duplicates
+    first: dict[str, CallRow] = {}
+    for row in calls:
+        session = row[2]
+        if session is not None and session not in first:
+            first[session] = row
+    session_ids: dict[object, int] = {}
+    if first:
+        news = [[name, series_keys[row[1]][3], row[0]] for name, row in first.items()]
+        body = (msgspec.json.encode(news),)
+        db.execute(_NEW_SESSIONS, body)
+        found = db.execute(
+            "SELECT s.session_id, s.id FROM json_each(?) j"
+            " JOIN sessions s ON s.session_id = j.value ->> 0",
+            body,
+        )
+        session_ids = {str(name): int(sid) for name, sid in found}
+    (base,) = db.execute("SELECT coalesce(max(id), 0) FROM api_calls").fetchone()
+    start, total = 0, len(calls)
+    while start < total:
+        size = min(_INSERT_ROWS_MAX, 1 << ((total - start).bit_length() - 1))
+        values = list(itertools.chain.from_iterable(calls[start : start + size]))
+        if session_ids:
+            values[2::_CALL_FIELDS] = map(session_ids.get, values[2::_CALL_FIELDS])
+        db.execute(_insert_calls_sql(size), values)
+        start += size
+    # Single writer: SQLite numbers new rows max(id)+1, max(id)+2, ... in insert order.
+    span = (base + 1, base + total)
+    db.execute(_ROLLUP_FROM_CALLS, span)
+    db.execute(_SERIES_FROM_CALLS, span)
+    if first:
+        db.execute(_SESSIONS_FROM_CALLS, span)
+    return duplicates
+
+
+@functools.cache
+def _insert_calls_sql(rows: int) -> str:
+    return f"INSERT INTO api_calls ({CALL_COLUMNS}) VALUES " + ", ".join([_CALL_VALUES] * rows)

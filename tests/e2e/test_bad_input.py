@@ -236,7 +236,7 @@ def requests_total(client: httpx.Client) -> float:
 
 
 def stored(server: Server, session_id: str) -> int:
-    [(count,)] = server.query("SELECT count(*) FROM api_calls WHERE session_id = ?", session_id)
+    [(count,)] = server.query("SELECT count(*) FROM calls WHERE session_id = ?", session_id)
     assert isinstance(count, int)
     return count
 

@@ -73,7 +73,10 @@ def _metric(client: httpx.Client, name: str, **labels: str) -> float:
 
 def _stored(server: Server) -> tuple[set[str], int, int]:
     """(request ids, api_calls rows, sum of input tokens) as committed in the database."""
-    ids = {str(row[0]) for row in server.query("SELECT request_id FROM request_ids")}
+    ids = {
+        str(row[0])
+        for row in server.query("SELECT request_id FROM api_calls WHERE request_id IS NOT NULL")
+    }
     rows, tokens = server.query("SELECT count(*), coalesce(sum(input_tokens), 0) FROM api_calls")[0]
     assert isinstance(rows, int)
     assert isinstance(tokens, int)

@@ -29,16 +29,29 @@ class Sent:
     error: bool
 
 
-event_strategy = st.tuples(
-    st.integers(0, 700),  # age in seconds when recorded
+call_fields = (
     st.sampled_from(MODELS),
     st.integers(0, 50_000),
     st.integers(0, 8_000),
     st.one_of(st.none(), st.floats(min_value=0.5, max_value=120_000)),
     st.booleans(),
 )
+event_strategy = st.tuples(st.integers(0, 700), *call_fields)  # age in seconds when recorded
 steps_strategy = st.lists(
     st.tuples(st.integers(0, 200), st.lists(event_strategy, max_size=30)), min_size=1, max_size=12
+)
+
+
+# Mostly calls stamped a few seconds before now (the ring's open slots), at a minute's edge, or
+# anywhere in the ring; the clock moves a few seconds at a time.
+recent_event_strategy = st.tuples(
+    st.one_of(st.integers(0, 8), st.integers(55, 66), st.integers(0, 700)),
+    *call_fields,
+)
+recent_steps_strategy = st.lists(
+    st.tuples(st.integers(0, 7), st.lists(recent_event_strategy, max_size=30)),
+    min_size=1,
+    max_size=25,
 )
 
 
@@ -52,6 +65,23 @@ def exact_quantile(values: list[float], q: float) -> float:
 )
 @given(steps=steps_strategy)
 def test_windows_equal_a_plain_recomputation(pricing: PricingTable, steps: list) -> None:  # type: ignore[type-arg]
+    check_windows(pricing, steps, every_step=False)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=recent_steps_strategy)
+def test_windows_of_calls_stamped_just_before_now_equal_a_recomputation(
+    pricing: PricingTable,
+    steps: list,  # type: ignore[type-arg]
+) -> None:
+    """Calls a few seconds old land in the ring's open slots (added in place) and must leave
+    every window exactly when a plain recomputation says, checked after every step."""
+    check_windows(pricing, steps, every_step=True)
+
+
+def check_windows(pricing: PricingTable, steps: list, *, every_step: bool) -> None:  # type: ignore[type-arg]
     clock = FakeClock()
     aggregator = Aggregator(pricing, clock=clock)
     sent: list[Sent] = []
@@ -69,8 +99,12 @@ def test_windows_equal_a_plain_recomputation(pricing: PricingTable, steps: list)
             row = aggregator.record_call(call, ts)
             assert call.tier is not None
             sent.append(Sent(ts, call.tier, tokens_in, tokens_out, row[9], latency, error))
+        if every_step:
+            compare(aggregator, sent, int(clock.now))
+    compare(aggregator, sent, int(clock.now))
 
-    now_s = int(clock.now)
+
+def compare(aggregator: Aggregator, sent: list[Sent], now_s: int) -> None:
     for name, span, minutes in (("1m", 60, 1), ("5m", 300, 5), ("10m", 600, 10)):
         inside = [s for s in sent if s.ts_ms // 1000 > now_s - span]
         snap = aggregator.window(name)

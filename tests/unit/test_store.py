@@ -59,10 +59,15 @@ async def test_migrations_are_applied_once_and_recorded(tmp_path: Path) -> None:
     conn = await connect(tmp_path / "m.db")
     try:
         first = await migrate(conn)
-        assert first == ["001_initial_schema.sql", "002_seed_pricing.sql", "003_add_indexes.sql"]
+        assert first == [
+            "001_initial_schema.sql",
+            "002_seed_pricing.sql",
+            "003_add_indexes.sql",
+            "004_compact_calls.sql",
+        ]
         assert await migrate(conn) == []
         async with conn.execute("SELECT version FROM schema_migrations ORDER BY 1") as cur:
-            assert [r[0] for r in await cur.fetchall()] == [1, 2, 3]
+            assert [r[0] for r in await cur.fetchall()] == [1, 2, 3, 4]
         async with conn.execute("PRAGMA journal_mode") as cur:
             assert (await cur.fetchone()) == ("wal",)
     finally:
@@ -74,19 +79,87 @@ async def test_a_broken_migration_leaves_the_previous_version(tmp_path: Path) ->
     folder.mkdir()
     for source in sorted(MIGRATIONS_DIR.glob("*.sql")):
         (folder / source.name).write_text(source.read_text())
-    (folder / "004_broken.sql").write_text("CREATE TABLE ok_table (x);\nSELECT * FROM nowhere;")
+    last = len(list(MIGRATIONS_DIR.glob("*.sql")))
+    broken = f"{last + 1:03d}_broken.sql"
+    (folder / broken).write_text("CREATE TABLE ok_table (x);\nSELECT * FROM nowhere;")
     conn = await connect(tmp_path / "m.db")
     try:
-        with pytest.raises(MigrationError, match=r"004_broken\.sql"):
+        with pytest.raises(MigrationError, match=broken):
             await migrate(conn, folder)
         async with conn.execute("SELECT max(version) FROM schema_migrations") as cur:
-            assert (await cur.fetchone()) == (3,)
+            assert (await cur.fetchone()) == (last,)
         async with conn.execute(
             "SELECT count(*) FROM sqlite_master WHERE name = 'ok_table'"
         ) as cur:
             assert (await cur.fetchone()) == (0,)
     finally:
         await conn.close()
+
+
+async def test_migration_004_moves_request_ids_into_calls_and_interns_sessions(
+    tmp_path: Path,
+) -> None:
+    """A database written before 004 (request_ids table, session ids as text) keeps every
+    call, request id and session through the migration, and dedup still holds after it."""
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    for source in sorted(MIGRATIONS_DIR.glob("00[123]_*.sql")):
+        (folder / source.name).write_text(source.read_text())
+    path = tmp_path / "old.db"
+    conn = await connect(path)
+    try:
+        await migrate(conn, folder)
+        await conn.executescript(
+            """
+            INSERT INTO series (id, provider, model, tier, project, agent, calls)
+                VALUES (1, 'openai', 'gpt-4o', 'gpt-4o', 'web', '', 3);
+            INSERT INTO api_calls (id, timestamp, series_id, session_id, input_tokens,
+                output_tokens, cache_creation_tokens, cache_creation_1h_tokens,
+                cache_read_tokens, latency_us, cost_nanos, savings_nanos, status, error_type)
+            VALUES (1, 1000, 1, 's-a', 10, 1, 0, 0, 0, 5000, 100, 0, 0, NULL),
+                   (2, 2000, 1, NULL, 20, 2, 0, 0, 0, NULL, 200, 0, 1, 'api_error'),
+                   (3, 3000, 1, 's-a', 30, 3, 0, 0, 0, 7000, 300, 0, 0, NULL);
+            INSERT INTO request_ids (request_id, call_id) VALUES ('r1', 1), ('r3', 3);
+            INSERT INTO sessions (session_id, project, first_seen, last_seen, calls, cost_nanos)
+                VALUES ('s-a', 'web', 1000, 3000, 2, 400);
+            """
+        )
+        assert await migrate(conn) == ["004_compact_calls.sql"]
+    finally:
+        await conn.close()
+    with sqlite3.connect(path) as c:
+        rows = c.execute(
+            "SELECT id, timestamp, session_id, request_id, input_tokens, latency_ms, cost_usd,"
+            " status, error_type FROM calls ORDER BY id"
+        ).fetchall()
+        assert rows == [
+            (1, 1000, "s-a", "r1", 10, 5.0, 1e-7, "ok", None),
+            (2, 2000, None, None, 20, None, 2e-7, "error", "api_error"),
+            (3, 3000, "s-a", "r3", 30, 7.0, 3e-7, "ok", None),
+        ]
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert "request_ids" not in tables
+        assert c.execute("SELECT session_id, calls, cost_nanos FROM sessions").fetchall() == [
+            ("s-a", 2, 400)
+        ]
+        assert c.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    exporter = await Exporter.start(Settings(db_path=str(path)))
+    try:
+        assert not exporter.record(ApiCall(model="gpt-4o", input_tokens=1, request_id="r1"))
+        assert exporter.record(ApiCall(model="gpt-4o", input_tokens=1, request_id="r4"))
+    finally:
+        await exporter.close()
+    restarted = await Exporter.start(Settings(db_path=str(path), dedup_memory=1))
+    try:
+        # r3 is no longer in memory (dedup_memory=1): SQLite's unique index decides.
+        restarted.record(ApiCall(model="gpt-4o", input_tokens=1, request_id="r3"))
+        restarted.record(ApiCall(model="gpt-4o", input_tokens=1, request_id="s-a-new"))
+        await restarted.flush()
+        assert restarted.aggregator.duplicates == 1
+    finally:
+        await restarted.close()
+    with sqlite3.connect(path) as c:
+        assert c.execute("SELECT count(*), count(request_id) FROM api_calls").fetchone() == (5, 4)
 
 
 async def test_100k_random_events_totals_equal_sqlite_sums_to_the_nano_dollar(
@@ -219,7 +292,7 @@ async def test_failing_flush_spills_then_replays_exact_counts_without_duplicates
     assert count == totals[CALLS] == 3_002
     assert cost == totals[COST]
     with sqlite3.connect(tmp_path / "metrics.db") as c:
-        assert c.execute("SELECT count(*) FROM request_ids").fetchone()[0] == 1_502
+        assert c.execute("SELECT count(request_id) FROM api_calls").fetchone()[0] == 1_502
         assert c.execute("SELECT sum(calls) FROM series").fetchone()[0] == 3_002
 
 
@@ -389,5 +462,5 @@ async def test_when_neither_database_nor_spill_file_can_be_written_events_stay_q
     await exporter.close()
     assert db_totals(tmp_path / "metrics.db")[0] == 3_001
     with sqlite3.connect(tmp_path / "metrics.db") as c:
-        last = c.execute("SELECT max(call_id) FROM request_ids WHERE request_id = 'last'")
+        last = c.execute("SELECT max(id) FROM api_calls WHERE request_id = 'last'")
         assert last.fetchone()[0] == 3_001  # order kept: the requeued batch went first

@@ -73,7 +73,7 @@ def stored(path: Path) -> tuple[int, int]:
     """(api_calls rows, distinct request ids) in the database file."""
     with contextlib.closing(sqlite3.connect(path)) as conn:
         rows = conn.execute("SELECT count(*) FROM api_calls").fetchone()[0]
-        ids = conn.execute("SELECT count(DISTINCT request_id) FROM request_ids").fetchone()[0]
+        ids = conn.execute("SELECT count(DISTINCT request_id) FROM api_calls").fetchone()[0]
     return int(rows), int(ids)
 
 
@@ -229,5 +229,24 @@ async def test_a_value_sqlite_cannot_take_keeps_the_batch_queued_and_degraded(
         assert health.queue_depth == 2
         assert health.write_errors == 1
         assert "OverflowError" in (health.last_error or "")
+    finally:
+        await exporter.close()  # the batch still fails: closing logs it as lost
+
+
+async def test_a_non_integer_count_is_refused_by_the_schema_and_held(tmp_path: Path) -> None:
+    settings = Settings(db_path=str(tmp_path / "m.db"), flush_interval=3600.0)
+    exporter = await Exporter.start(settings)
+    try:
+        # The Python API does not validate a constructed event: a float token count would be
+        # stored as a REAL and poison every sum. The schema's CHECK refuses it; the batch is
+        # held (not spilled: replay would fail the same way) and health says why.
+        exporter.record(ApiCall(model="gpt-4o", input_tokens=1.5))  # type: ignore[arg-type]
+        await exporter.flush()
+        health = exporter.health()
+        assert health.degraded
+        assert health.queue_depth == 1
+        assert health.spill_backlog == 0
+        assert "IntegrityError" in (health.last_error or "")
+        assert "input_tokens" in (health.last_error or "")
     finally:
         await exporter.close()  # the batch still fails: closing logs it as lost
