@@ -447,10 +447,11 @@ class BatchWriter:
         keyed = [e for e in events if e.request_id is not None]
         stored: set[str] = set()
         if keyed:
+            pairs = {(str(e.__struct_config__.tag), e.request_id) for e in keyed}
             stored = await self._stored(
-                "SELECT type || ':' || request_id FROM activity_events WHERE request_id IN"
-                " (SELECT value FROM json_each(?))",
-                list({e.request_id for e in keyed if e.request_id is not None}),
+                "SELECT a.type || ':' || a.request_id FROM json_each(?) j JOIN activity_events a"
+                " ON a.type = j.value ->> 0 AND a.request_id = j.value ->> 1",
+                [list(pair) for pair in pairs],
             )
         duplicates: list[Event] = []
         rows: list[tuple[Any, ...]] = []
@@ -514,7 +515,7 @@ class BatchWriter:
             [(sid, *keys[sid]) for sid in set(series_ids)],
         )
 
-    async def _stored(self, query: str, values: list[str]) -> set[str]:
+    async def _stored(self, query: str, values: list[Any]) -> set[str]:
         """The values `query` finds stored; it reads them from one JSON array parameter."""
         async with self._conn.execute(query, (msgspec.json.encode(values),)) as cursor:
             return {str(row[0]) for row in await cursor.fetchall()}
