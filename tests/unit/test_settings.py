@@ -201,11 +201,24 @@ def test_a_negative_retention_or_interval_is_refused() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("batch_size", 0), ("max_queue", 0), ("flush_interval", 0.0), ("recent_size", 0)],
+    [
+        ("batch_size", 0),
+        ("max_queue", 0),
+        ("flush_interval", 0.0),
+        ("recent_size", 0),
+        ("switch_interval", 0.0),
+        ("switch_interval", 2.0),
+    ],
 )
 def test_settings_reject_nonsense(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         Settings(**{field: value})  # type: ignore[arg-type]
+
+
+def test_the_switch_interval_comes_from_the_environment() -> None:
+    assert Settings().switch_interval == 0.0005
+    env = {"CCO_EXPORTER_SWITCH_INTERVAL": "0.005"}
+    assert load_settings(environ=env).switch_interval == 0.005
 
 
 def test_the_queue_bound_must_hold_a_batch() -> None:

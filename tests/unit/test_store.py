@@ -214,8 +214,22 @@ async def test_repeated_request_id_is_counted_once_also_after_restart(tmp_path: 
     await exporter.flush()
     assert exporter.aggregator.grand_total()[CALLS] == 2
     assert exporter.aggregator.duplicates == 1
+    # The same for other events: the stored (type, request id) pair decides, per type.
+    hits_before = exporter.aggregator.counters[("cache_events", ("hit",))]
+    exporter.record(ApiCall(model="gpt-4o", request_id="other-2"))  # pushes req_abc out
+    assert exporter.record(CacheHit(**hit)) is True  # type: ignore[arg-type]
+    override = ModelOverride(original_model="a", override_model="b", request_id="req_abc")
+    assert exporter.record(override) is True
+    await exporter.flush()
+    assert exporter.aggregator.duplicates == 2
+    assert exporter.aggregator.counters[("cache_events", ("hit",))] == hits_before
     await exporter.close()
-    assert db_totals(tmp_path / "metrics.db")[0] == 2
+    assert db_totals(tmp_path / "metrics.db")[0] == 3
+    with sqlite3.connect(tmp_path / "metrics.db") as c:
+        stored = c.execute(
+            "SELECT type, count(*) FROM activity_events WHERE request_id = 'req_abc' GROUP BY 1"
+        ).fetchall()
+    assert sorted(stored) == [("cache_hit", 1), ("model_override", 1)]
 
 
 async def test_restart_restores_totals_counters_and_the_ten_minute_window(
