@@ -128,12 +128,15 @@ async def restore_spend(conn: aiosqlite.Connection, aggregator: Aggregator) -> i
 
 async def recent_request_ids(conn: aiosqlite.Connection, limit: int) -> list[str]:
     """The newest `limit` stored request ids, oldest first (to seed the in-memory dedup set)."""
+    # A backwards scan of the table (its rows are in arrival order), reversed here: cheaper than
+    # SQLite sorting them back, and than the request-id index (sorted by id, not by arrival).
     async with conn.execute(
-        "SELECT request_id FROM (SELECT id, request_id FROM api_calls"
-        " WHERE request_id IS NOT NULL ORDER BY id DESC LIMIT ?) ORDER BY id",
+        "SELECT request_id FROM api_calls WHERE request_id IS NOT NULL ORDER BY id DESC LIMIT ?",
         (limit,),
     ) as cursor:
-        return [str(row[0]) for row in await cursor.fetchall()]
+        newest_first = [str(row[0]) for row in await cursor.fetchall()]
+    newest_first.reverse()
+    return newest_first
 
 
 async def purge(

@@ -11,6 +11,7 @@ import pytest
 
 from exporter import ApiCall, CacheHit, Exporter, ModelOverride, QueueFull, Settings
 from exporter.store.db import MIGRATIONS_DIR, MigrationError, connect, migrate
+from exporter.store.queries import recent_request_ids
 from exporter.windows import CALLS, COST, TOKENS_IN
 from tests.conftest import FakeClock
 
@@ -160,6 +161,20 @@ async def test_migration_004_moves_request_ids_into_calls_and_interns_sessions(
         await restarted.close()
     with sqlite3.connect(path) as c:
         assert c.execute("SELECT count(*), count(request_id) FROM api_calls").fetchone() == (5, 4)
+
+
+async def test_the_dedup_memory_is_seeded_with_the_newest_ids_oldest_first(tmp_path: Path) -> None:
+    exporter = await Exporter.start(settings_for(tmp_path))
+    for i in range(10):
+        exporter.record(ApiCall(model="gpt-4o", input_tokens=1, request_id=f"r{i}"))
+        exporter.record(ApiCall(model="gpt-4o", input_tokens=1))  # no id: skipped
+    await exporter.close()
+    conn = await connect(tmp_path / "metrics.db")
+    try:
+        assert await recent_request_ids(conn, 4) == ["r6", "r7", "r8", "r9"]
+        assert await recent_request_ids(conn, 100) == [f"r{i}" for i in range(10)]
+    finally:
+        await conn.close()
 
 
 async def test_100k_random_events_totals_equal_sqlite_sums_to_the_nano_dollar(
