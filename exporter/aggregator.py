@@ -170,13 +170,17 @@ class Aggregator:
 
     # -- the per-event path -------------------------------------------------------------------
 
-    def record_call(self, event: ApiCall, ts_ms: int) -> CallRow:
+    def record_call(self, event: ApiCall, ts_ms: int | None = None) -> CallRow:
         """Count one API call; fills in its timestamp, provider, tier and cost; returns its row.
 
         This is the hot path: everything it touches is a dict lookup or an integer add, and the
         adds to the three rows it updates (totals, the open second's tier row, the open minute's
         series row) are written out in place; a helper call per row cost a tenth of the time.
+        `ts_ms` None means now (one clock read serves both).
         """
+        now = self.clock()
+        if ts_ms is None:
+            ts_ms = int(now * 1000)
         model = event.model
         tokens_in, tokens_out = event.input_tokens, event.output_tokens
         cache_creation, cache_read = event.cache_creation_tokens, event.cache_read_tokens
@@ -257,7 +261,7 @@ class Aggregator:
         )
 
         ring = self.ring
-        now_s = int(self.clock())
+        now_s = int(now)
         if now_s > ring.current:
             ring.advance(now_s)
         current = ring.current

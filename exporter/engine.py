@@ -11,7 +11,6 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from typing import cast
 
 from exporter.aggregator import Aggregator
 from exporter.events import ApiCall, Event
@@ -40,15 +39,18 @@ class _SeenIds:
         self._set: set[int] = set()
         self._order: deque[int] = deque()
 
-    def __contains__(self, key: Hashable) -> bool:
-        return hash(key) in self._set
-
-    def add(self, key: Hashable) -> None:
+    def add_new(self, key: Hashable) -> bool:
+        """Remember `key`; False (and nothing changes) when it is remembered already."""
         digest = hash(key)
-        self._set.add(digest)
-        self._order.append(digest)
-        if len(self._order) > self._limit:
-            self._set.discard(self._order.popleft())
+        known = self._set
+        if digest in known:
+            return False
+        known.add(digest)
+        order = self._order
+        order.append(digest)
+        if len(order) > self._limit:
+            known.discard(order.popleft())
+        return True
 
 
 class Exporter:
@@ -94,7 +96,7 @@ class Exporter:
             await restore(conn, aggregator, int(clock() * 1000))
             seen = _SeenIds(settings.dedup_memory)
             for request_id in await recent_request_ids(conn, settings.dedup_memory):
-                seen.add(request_id)
+                seen.add_new(request_id)
             writer = BatchWriter(
                 conn,
                 aggregator,
@@ -126,19 +128,18 @@ class Exporter:
 
     def _record(self, event: Event) -> bool:
         request_id = event.request_id
-        is_call = type(event) is ApiCall
+        is_call = isinstance(event, ApiCall)
         if request_id is not None:
             key: Hashable = request_id if is_call else (type(event).__name__, request_id)
-            if key in self._seen:
+            if not self._seen.add_new(key):
                 self.aggregator.duplicates += 1
                 return False
-            self._seen.add(key)
-        ts = event.timestamp
-        ts_ms = int(self._clock() * 1000) if ts is None else cast(int, ts)
+        # Validation made every timestamp epoch ms (an int) or left it None (now).
+        ts: int | None = event.timestamp  # type: ignore[assignment]
         if is_call:
-            self.writer.enqueue_call(self.aggregator.record_call(cast(ApiCall, event), ts_ms))
+            self.writer.enqueue_call(self.aggregator.record_call(event, ts))  # type: ignore[arg-type]
         else:
-            self.aggregator.record_other(event, ts_ms)
+            self.aggregator.record_other(event, int(self._clock() * 1000) if ts is None else ts)
             self.writer.enqueue_other(event)
         return True
 

@@ -201,7 +201,8 @@ class BatchWriter:
         self.flush_interval = flush_interval
         self.max_queue = max_queue
         self._pending = _Batch()
-        self._depth = 0
+        #: Events waiting for the writer (read on the per-event path: a plain attribute).
+        self.depth = 0
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
@@ -223,18 +224,13 @@ class BatchWriter:
 
     # -- the per-event path -------------------------------------------------------------------
 
-    @property
-    def depth(self) -> int:
-        """Events waiting for the writer."""
-        return self._depth
-
     def has_room(self, count: int = 1) -> bool:
         return self.depth + count <= self.max_queue
 
     def enqueue_call(self, row: CallRow) -> None:
         self._pending.calls.append(row)
         # _after_enqueue(), inlined: this runs once per call.
-        depth = self._depth = self._depth + 1
+        depth = self.depth = self.depth + 1
         if depth >= self.batch_size:
             self._wake.set()
         if depth >= self.max_queue:
@@ -245,7 +241,7 @@ class BatchWriter:
         self._after_enqueue()
 
     def _after_enqueue(self) -> None:
-        depth = self._depth = self._depth + 1
+        depth = self.depth = self.depth + 1
         if depth >= self.batch_size:
             self._wake.set()
         if depth >= self.max_queue:
@@ -293,12 +289,12 @@ class BatchWriter:
         await self.flush()
         if self._spill_events:
             await self.flush()
-        if self._depth:
+        if self.depth:
             # Neither SQLite nor the spill file took them, and memory ends with the process.
             log.error(
                 "%d accepted events are lost: neither the database nor the spill file %s "
                 "could be written (last error: %s)",
-                self._depth,
+                self.depth,
                 self._spill_path,
                 self._last_error,
             )
@@ -307,7 +303,7 @@ class BatchWriter:
         """Write everything pending now, in one transaction (after any spill backlog)."""
         async with self._lock:
             batch, self._pending = self._pending, _Batch()
-            self._depth = 0
+            self.depth = 0
             waiters, self._waiters = self._waiters, []
             self._space.set()
             started = time.perf_counter()
@@ -365,7 +361,7 @@ class BatchWriter:
         pending = self._pending
         pending.calls = batch.calls + pending.calls
         pending.others = batch.others + pending.others
-        self._depth += len(batch)
+        self.depth += len(batch)
 
     async def run_exclusive(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
         """Run maintenance (purge, vacuum) between flushes, never inside one."""
@@ -531,7 +527,7 @@ class BatchWriter:
             log.error(
                 "spill file %s cannot be written either; %d events stay queued in memory: %s",
                 self._spill_path,
-                self._depth,
+                self.depth,
                 exc,
             )
 
