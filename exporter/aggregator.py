@@ -175,7 +175,8 @@ class Aggregator:
 
         This is the hot path: everything it touches is a dict lookup or an integer add, and the
         adds to the three rows it updates (totals, the open second's tier row, the open minute's
-        series row) are written out in place; a helper call per row cost a tenth of the time.
+        series row) are written out in place (with a helper call per row: 4.6-5.6 µs a call,
+        against 4.4-4.8 µs in the same run).
         `ts_ms` None means now (one clock read serves both).
         """
         now = self.clock()

@@ -314,7 +314,7 @@ class BatchWriter:
                 if len(batch) or self._aggregator.new_series:
                     written = await self._commit(batch)
             except sqlite3.IntegrityError as exc:
-                # A value the schema refuses (a cost past 64-bit integers from the Python API,
+                # A value the schema's CHECKs refuse (a float token count from the Python API,
                 # say): not the disk, and spilling would only fail again at replay.
                 self._hold(batch, waiters, exc)
                 return
