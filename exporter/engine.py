@@ -30,7 +30,8 @@ class _SeenIds:
     It holds the keys' 64-bit hashes, not the keys: a set of 200,000 request ids as strings
     costs ~30 MB, as ints ~10 MB. Two different ids share a hash with odds of about n / 2^64
     (1e-14 for 200,000 ids), and the second would be refused as a repeat; ids no longer held here
-    are checked exactly, by SQLite's unique index on api_calls.request_id, at the flush.
+    are checked exactly at the flush: the writer finds stored calls by the id's key and
+    compares the ids themselves.
     """
 
     __slots__ = ("_limit", "_order", "_set")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Final
 
@@ -17,6 +18,7 @@ __all__ = [
     "connect",
     "load_pricing",
     "migrate",
+    "request_key",
     "reset_pricing",
     "save_price",
 ]
@@ -29,6 +31,13 @@ _PRICE_COLUMNS: Final = (
     " long_input_cost_per_1m, long_output_cost_per_1m, long_cache_write_5m_cost_per_1m,"
     " long_cache_write_1h_cost_per_1m, long_cache_read_cost_per_1m"
 )
+
+
+def request_key(request_id: str) -> int:
+    """The key a stored request id is found by (api_calls.request_key, indexed): the CRC-32 of
+    its UTF-8 bytes, top bit cleared so SQLite stores it in 4 bytes. Not unique: a lookup
+    compares the ids of the rows it finds."""
+    return zlib.crc32(request_id.encode()) & 0x7FFF_FFFF
 
 
 class MigrationError(RuntimeError):
@@ -61,6 +70,8 @@ async def migrate(conn: aiosqlite.Connection, directory: Path = MIGRATIONS_DIR) 
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
         " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
     )
+    # Migration 005 fills api_calls.request_key with it.
+    await conn.create_function("cco_request_key", 1, request_key, deterministic=True)
     async with conn.execute("SELECT version FROM schema_migrations") as cursor:
         applied = {row[0] for row in await cursor.fetchall()}
     done: list[str] = []

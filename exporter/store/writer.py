@@ -42,6 +42,7 @@ from exporter.aggregator import (
     counter_updates,
 )
 from exporter.events import CacheHit, Event, event_from_dict, timestamp_ms
+from exporter.store.db import request_key
 
 __all__ = ["CALL_COLUMNS", "BatchWriter", "QueueFull", "WriterHealth"]
 
@@ -54,6 +55,9 @@ CALL_COLUMNS: Final = (
     " cache_creation_1h_tokens, cache_read_tokens, latency_us, cost_nanos, savings_nanos,"
     " status, error_type, request_id"
 )
+#: A batch whose calls carry request ids also fills api_calls.request_key, the indexed key
+#: they are found by (`request_key`).
+_KEYED_COLUMNS: Final = CALL_COLUMNS + ", request_key"
 # A batch of calls is inserted by multi-row INSERT ... VALUES statements of up to 1,024 rows,
 # run on the connection's thread with the GIL released for each whole statement. executemany()
 # steps row by row and takes the GIL back after every row: with the event loop busy on the
@@ -61,12 +65,14 @@ CALL_COLUMNS: Final = (
 # a second. A JSON array unpacked by json_each would need one release per batch, but SQLite's
 # JSON parsing costs twice the insert itself. A session is bound as its interned id, looked up
 # here: a scalar subquery per row made the insert three times slower. Statement sizes are
-# powers of two, so at most eleven statements are ever compiled (and then cached by the driver).
+# powers of two, so at most eleven statements of each kind are ever compiled (and then cached by
+# the driver). (Numbered parameters, ?NNN, made binding six times slower.)
 _INSERT_ROWS_MAX: Final = 1024
-_CALL_VALUES: Final = "(" + ", ".join("?" * 14) + ")"
 _CALL_FIELDS: Final = 14
+#: The stored calls among [[key, request id], ...] (JSON): found by key, then compared.
 _STORED_REQUEST_IDS: Final = (
-    "SELECT request_id FROM api_calls WHERE request_id IN (SELECT value FROM json_each(?))"
+    "SELECT c.request_id FROM json_each(?) j JOIN api_calls c"
+    " ON c.request_key = j.value ->> 0 AND c.request_id = j.value ->> 1"
 )
 _SUMS: Final = (
     ("calls", "count(*)"),
@@ -694,7 +700,8 @@ def _write_calls(
     duplicates: list[CallRow] = []
     request_ids = [row[13] for row in calls if row[13] is not None]
     if request_ids:
-        found = db.execute(_STORED_REQUEST_IDS, (msgspec.json.encode(request_ids),))
+        pairs = [[request_key(rid), rid] for rid in request_ids]
+        found = db.execute(_STORED_REQUEST_IDS, (msgspec.json.encode(pairs),))
         stored = {str(row[0]) for row in found}
         if stored or len(set(request_ids)) < len(request_ids):
             calls, duplicates = _drop_repeated(calls, stored)
@@ -718,12 +725,17 @@ def _write_calls(
         session_ids = {str(name): int(sid) for name, sid in found}
     (base,) = db.execute("SELECT coalesce(max(id), 0) FROM api_calls").fetchone()
     start, total = 0, len(calls)
+    keyed = bool(request_ids)
     while start < total:
         size = min(_INSERT_ROWS_MAX, 1 << ((total - start).bit_length() - 1))
-        values = list(itertools.chain.from_iterable(calls[start : start + size]))
+        chunk: Iterable[tuple[Any, ...]] = calls[start : start + size]
+        if keyed:
+            chunk = [(*row, None if row[13] is None else request_key(row[13])) for row in chunk]
+        values = list(itertools.chain.from_iterable(chunk))
         if session_ids:
-            values[2::_CALL_FIELDS] = map(session_ids.get, values[2::_CALL_FIELDS])
-        db.execute(_insert_calls_sql(size), values)
+            stride = _CALL_FIELDS + keyed
+            values[2::stride] = map(session_ids.get, values[2::stride])
+        db.execute(_insert_calls_sql(size, keyed), values)
         start += size
     # Single writer: SQLite numbers new rows max(id)+1, max(id)+2, ... in insert order.
     span = (base + 1, base + total)
@@ -735,5 +747,8 @@ def _write_calls(
 
 
 @functools.cache
-def _insert_calls_sql(rows: int) -> str:
-    return f"INSERT INTO api_calls ({CALL_COLUMNS}) VALUES " + ", ".join([_CALL_VALUES] * rows)
+def _insert_calls_sql(rows: int, keyed: bool) -> str:
+    """INSERT of `rows` calls; `keyed`: each row ends with its request key."""
+    columns = _KEYED_COLUMNS if keyed else CALL_COLUMNS
+    row = "(" + ", ".join("?" * (_CALL_FIELDS + keyed)) + ")"
+    return f"INSERT INTO api_calls ({columns}) VALUES " + ", ".join([row] * rows)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from exporter import ApiCall, CacheHit, Exporter, ModelOverride, QueueFull, Settings
-from exporter.store.db import MIGRATIONS_DIR, MigrationError, connect, migrate
+from exporter.store.db import MIGRATIONS_DIR, MigrationError, connect, migrate, request_key
 from exporter.store.queries import recent_request_ids
 from exporter.windows import CALLS, COST, TOKENS_IN
 from tests.conftest import FakeClock
@@ -65,10 +65,11 @@ async def test_migrations_are_applied_once_and_recorded(tmp_path: Path) -> None:
             "002_seed_pricing.sql",
             "003_add_indexes.sql",
             "004_compact_calls.sql",
+            "005_request_keys.sql",
         ]
         assert await migrate(conn) == []
         async with conn.execute("SELECT version FROM schema_migrations ORDER BY 1") as cur:
-            assert [r[0] for r in await cur.fetchall()] == [1, 2, 3, 4]
+            assert [r[0] for r in await cur.fetchall()] == [1, 2, 3, 4, 5]
         async with conn.execute("PRAGMA journal_mode") as cur:
             assert (await cur.fetchone()) == ("wal",)
     finally:
@@ -125,7 +126,7 @@ async def test_migration_004_moves_request_ids_into_calls_and_interns_sessions(
                 VALUES ('s-a', 'web', 1000, 3000, 2, 400);
             """
         )
-        assert await migrate(conn) == ["004_compact_calls.sql"]
+        assert await migrate(conn) == ["004_compact_calls.sql", "005_request_keys.sql"]
     finally:
         await conn.close()
     with sqlite3.connect(path) as c:
@@ -140,6 +141,12 @@ async def test_migration_004_moves_request_ids_into_calls_and_interns_sessions(
         ]
         tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert "request_ids" not in tables
+        # 005: every stored id got its key, the unique index on the text is gone.
+        keys = c.execute("SELECT request_id, request_key FROM api_calls ORDER BY id").fetchall()
+        assert keys == [("r1", request_key("r1")), (None, None), ("r3", request_key("r3"))]
+        indexes = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert "idx_api_calls_request" not in indexes
+        assert "idx_api_calls_request_key" in indexes
         assert c.execute("SELECT session_id, calls, cost_nanos FROM sessions").fetchall() == [
             ("s-a", 2, 400)
         ]
@@ -152,7 +159,7 @@ async def test_migration_004_moves_request_ids_into_calls_and_interns_sessions(
         await exporter.close()
     restarted = await Exporter.start(Settings(db_path=str(path), dedup_memory=1))
     try:
-        # r3 is no longer in memory (dedup_memory=1): SQLite's unique index decides.
+        # r3 is no longer in memory (dedup_memory=1): the stored rows decide.
         restarted.record(ApiCall(model="gpt-4o", input_tokens=1, request_id="r3"))
         restarted.record(ApiCall(model="gpt-4o", input_tokens=1, request_id="s-a-new"))
         await restarted.flush()
@@ -161,6 +168,48 @@ async def test_migration_004_moves_request_ids_into_calls_and_interns_sessions(
         await restarted.close()
     with sqlite3.connect(path) as c:
         assert c.execute("SELECT count(*), count(request_id) FROM api_calls").fetchone() == (5, 4)
+
+
+def colliding_ids() -> tuple[str, str]:
+    """Two different request ids with the same key (a birthday search over ~2^16 ids)."""
+    rng = random.Random(5)
+    seen: dict[int, str] = {}
+    for _ in range(2_000_000):  # pragma: no branch - a collision comes after ~60,000
+        rid = f"req_{rng.getrandbits(80):020x}"
+        other = seen.setdefault(request_key(rid), rid)
+        if other != rid:
+            return other, rid
+    raise AssertionError("no collision")
+
+
+async def test_ids_sharing_a_key_are_told_apart_by_their_text(tmp_path: Path) -> None:
+    """The key finds candidates; the ids decide. Two ids with one key are both stored, and each
+    is refused when it comes again (from SQLite, not the memory: dedup_memory=1)."""
+    first, second = colliding_ids()
+    assert first != second
+    assert request_key(first) == request_key(second)
+    exporter = await Exporter.start(settings_for(tmp_path, dedup_memory=1))
+    try:
+        assert exporter.record(ApiCall(model="gpt-4o", input_tokens=1, request_id=first))
+        await exporter.flush()
+        assert exporter.record(ApiCall(model="gpt-4o", input_tokens=2, request_id=second))
+        exporter.record(ApiCall(model="gpt-4o", input_tokens=4))
+        await exporter.flush()
+        assert exporter.aggregator.duplicates == 0
+        for index, rid in enumerate((first, second)):
+            exporter.record(ApiCall(model="gpt-4o", input_tokens=100, request_id=rid))
+            exporter.record(ApiCall(model="gpt-4o", input_tokens=1, request_id=f"other-{index}"))
+            await exporter.flush()
+        assert exporter.aggregator.duplicates == 2
+        assert exporter.aggregator.grand_total()[TOKENS_IN] == 1 + 2 + 4 + 1 + 1
+    finally:
+        await exporter.close()
+    with sqlite3.connect(tmp_path / "metrics.db") as c:
+        rows = c.execute(
+            "SELECT request_id, input_tokens FROM api_calls WHERE request_key = ? ORDER BY id",
+            (request_key(first),),
+        ).fetchall()
+    assert rows == [(first, 1), (second, 2)]
 
 
 async def test_the_dedup_memory_is_seeded_with_the_newest_ids_oldest_first(tmp_path: Path) -> None:
