@@ -9,6 +9,10 @@ A window's sums cover its closed slots and are kept incrementally: when a slot c
 is added to every window, and the bucket that falls out of a window is subtracted from it.
 Reading a window adds the open slot's bucket, so a read costs O(keys + sketch buckets), whatever
 the event rate, and a record touches only the open bucket.
+
+A bucket can also hold rows staged under another key: the aggregator adds a call to its label
+set's row in the open second only, and folds those rows into the second's tier rows, the minute
+ring and the totals when the second moves on or a reader asks (one row per call instead of three).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ __all__ = [
     "TOKENS_IN",
     "TOKENS_OUT",
     "WINDOWS",
+    "Bucket",
     "WindowRing",
     "add_row",
     "empty_row",
@@ -59,17 +64,23 @@ def add_row(into: list[int], row: list[int], sign: int = 1) -> None:
     into[:] = map(operator.add if sign > 0 else operator.sub, into, row)
 
 
-class _Bucket(Generic[K]):
-    __slots__ = ("rows", "second", "sketch")
+class Bucket(Generic[K]):
+    """One slot: rows of sums per key, a latency sketch, and rows staged by the owner."""
+
+    __slots__ = ("rows", "second", "sketch", "staged")
 
     def __init__(self) -> None:
         self.second = -1
         self.rows: dict[K, list[int]] = {}
         self.sketch = LatencySketch()
+        #: Rows under another key, for the ring's owner to fold into `rows` (and elsewhere)
+        #: before the slot closes: the aggregator's open seconds gather rows per label set.
+        self.staged: dict[int, list[int]] = {}
 
     def reset(self, second: int) -> None:
         self.second = second
         self.rows = {}
+        self.staged = {}
         self.sketch.clear()
 
 
@@ -95,7 +106,7 @@ class WindowRing(Generic[K]):
         self._slots = slots
         self._spans = spans
         self.lag = lag
-        self.buckets: list[_Bucket[K]] = [_Bucket() for _ in range(slots)]
+        self.buckets: list[Bucket[K]] = [Bucket() for _ in range(slots)]
         self._closed: list[dict[K, list[int]]] = [{} for _ in spans]
         self._closed_sketches = [LatencySketch() for _ in spans]
         self.current = now_slot

@@ -42,11 +42,13 @@ steps_strategy = st.lists(
 )
 
 
-# Mostly calls stamped a few seconds before now (the ring's open slots), at a minute's edge, or
-# anywhere in the ring; the clock moves a few seconds at a time.
+# Mostly calls stamped a few seconds before now (the ring's open slots; a few ahead of it, as a
+# client clock can be), at a minute's edge, or anywhere in the ring; the clock moves a few
+# seconds at a time. The last field takes the call back (a stored request id) at once.
 recent_event_strategy = st.tuples(
-    st.one_of(st.integers(0, 8), st.integers(55, 66), st.integers(0, 700)),
+    st.one_of(st.integers(-3, 8), st.integers(55, 66), st.integers(0, 700)),
     *call_fields,
+    st.sampled_from([False] * 7 + [True]),
 )
 recent_steps_strategy = st.lists(
     st.tuples(st.integers(0, 7), st.lists(recent_event_strategy, max_size=30)),
@@ -87,7 +89,7 @@ def check_windows(pricing: PricingTable, steps: list, *, every_step: bool) -> No
     sent: list[Sent] = []
     for advance, events in steps:
         clock.advance(advance)
-        for age, model, tokens_in, tokens_out, latency, error in events:
+        for age, model, tokens_in, tokens_out, latency, error, *taken_back in events:
             ts = int((clock.now - age) * 1000)
             call = ApiCall(
                 model=model,
@@ -98,6 +100,11 @@ def check_windows(pricing: PricingTable, steps: list, *, every_step: bool) -> No
             )
             row = aggregator.record_call(call, ts)
             assert call.tier is not None
+            if taken_back and taken_back[0]:
+                aggregator.retract_call(row)
+                continue
+            # A call stamped ahead of now counts in the current second (and minute).
+            ts = min(ts, int(clock.now) * 1000)
             sent.append(Sent(ts, call.tier, tokens_in, tokens_out, row[9], latency, error))
         if every_step:
             compare(aggregator, sent, int(clock.now))
@@ -135,6 +142,13 @@ def compare(aggregator: Aggregator, sent: list[Sent], now_s: int) -> None:
     total = aggregator.grand_total()
     assert total[CALLS] == len(sent)
     assert total[COST] == sum(s.cost for s in sent)
+    by_tier = aggregator.breakdown("tier")
+    for tier in {s.tier for s in sent}:
+        assert by_tier[tier][CALLS] == sum(1 for s in sent if s.tier == tier)
+        assert by_tier[tier][TOKENS_IN] == sum(s.tokens_in for s in sent if s.tier == tier)
+        timed = [s for s in sent if s.tier == tier and s.latency_ms is not None]
+        assert by_tier[tier][LATENCY_COUNT] == len(timed)
+        assert sum(by_tier[tier][HIST_OFFSET:]) == len(timed)
 
 
 def test_events_leave_each_window_as_the_clock_moves(
