@@ -89,36 +89,57 @@ _SUMS: Final = (
 _SUM_NAMES: Final = [name for name, _ in _SUMS]
 _SUM_FIELDS: Final = ", ".join(_SUM_NAMES)
 _SUM_EXPRS: Final = ", ".join(expr for _, expr in _SUMS)
-_ROLLUP_FROM_CALLS: Final = f"""
-INSERT INTO metrics_aggregated (minute, series_id, {_SUM_FIELDS})
+# Rollups and series totals come from one grouping of the batch's rows by (minute, series) into a
+# temp table (a batch under load spans a minute or two: far fewer groups than rows), then from
+# that small table; the latency histogram from one more pass that finds each row's bucket with a
+# CASE, grouped by (series, bucket). Summing each bucket's condition over every row, in the same
+# pass as the other sums, cost 2.7 µs a row against 2.0 for this.
+_BATCH_GROUPS: Final = "temp.batch_rollup"
+_CREATE_BATCH_GROUPS: Final = (
+    f"CREATE TEMP TABLE IF NOT EXISTS batch_rollup (minute INTEGER NOT NULL,"
+    f" series_id INTEGER NOT NULL, {', '.join(f'{n} INTEGER NOT NULL' for n in _SUM_NAMES)})"
+)
+_GROUP_CALLS: Final = f"""
+INSERT INTO {_BATCH_GROUPS} (minute, series_id, {_SUM_FIELDS})
 SELECT (timestamp / 60000) * 60000, series_id, {_SUM_EXPRS}
-FROM api_calls WHERE id BETWEEN ? AND ? GROUP BY 1, 2
+FROM main.api_calls WHERE id BETWEEN ? AND ? GROUP BY 1, 2
+"""
+_ROLLUP_FROM_GROUPS: Final = f"""
+INSERT INTO main.metrics_aggregated (minute, series_id, {_SUM_FIELDS})
+SELECT minute, series_id, {_SUM_FIELDS} FROM {_BATCH_GROUPS} WHERE true
 ON CONFLICT (minute, series_id) DO UPDATE SET
 {", ".join(f"{n} = {n} + excluded.{n}" for n in _SUM_NAMES)}
 """
+_SERIES_FROM_GROUPS: Final = f"""
+UPDATE main.series SET
+{", ".join(f"{n} = series.{n} + agg.{n}" for n in _SUM_NAMES)}
+FROM (
+    SELECT series_id, {", ".join(f"sum({n}) AS {n}" for n in _SUM_NAMES)}
+    FROM {_BATCH_GROUPS} GROUP BY series_id
+) AS agg
+WHERE series.id = agg.series_id
+"""
 
 
-def _histogram_exprs() -> list[str]:
-    # Counts per bucket, matching bisect_left over the bounds in the aggregator:
-    # bucket i holds bounds[i-1] < latency <= bounds[i]; the last holds latency > bounds[-1].
+def _bucket_expr() -> str:
+    """A latency's histogram bucket, matching bisect_left over the bounds in the aggregator:
+    bucket i holds bounds[i-1] < latency <= bounds[i]; the last holds latency > bounds[-1]."""
     bounds = [round(b * 1_000_000) for b in HISTOGRAM_BOUNDS_S]
-    exprs = [f"sum(latency_us <= {bounds[0]})"]
-    exprs += [
-        f"sum(latency_us > {lo} AND latency_us <= {hi})" for lo, hi in itertools.pairwise(bounds)
-    ]
-    exprs.append(f"sum(latency_us > {bounds[-1]})")
-    return exprs
+    whens = " ".join(f"WHEN latency_us <= {bound} THEN {i}" for i, bound in enumerate(bounds))
+    return f"CASE {whens} ELSE {len(bounds)} END"
 
 
 _HIST_COUNT: Final = TOTAL_FIELDS - HIST_OFFSET
-_SERIES_FROM_CALLS: Final = f"""
-UPDATE series SET
-{", ".join(f"{n} = series.{n} + agg.{n}" for n in _SUM_NAMES)},
+_HISTOGRAM_FROM_CALLS: Final = f"""
+UPDATE main.series SET
 {", ".join(f"h{i} = series.h{i} + agg.h{i}" for i in range(_HIST_COUNT))}
 FROM (
-    SELECT series_id, {", ".join(f"{expr} AS {name}" for name, expr in _SUMS)},
-    {", ".join(f"coalesce({e}, 0) AS h{i}" for i, e in enumerate(_histogram_exprs()))}
-    FROM api_calls WHERE id BETWEEN ? AND ? GROUP BY series_id
+    SELECT series_id,
+    {", ".join(f"sum(CASE bucket WHEN {i} THEN n ELSE 0 END) AS h{i}" for i in range(_HIST_COUNT))}
+    FROM (
+        SELECT series_id, {_bucket_expr()} AS bucket, count(*) AS n FROM main.api_calls
+        WHERE id BETWEEN ? AND ? AND latency_us IS NOT NULL GROUP BY 1, 2
+    ) GROUP BY series_id
 ) AS agg
 WHERE series.id = agg.series_id
 """
@@ -739,8 +760,12 @@ def _write_calls(
         start += size
     # Single writer: SQLite numbers new rows max(id)+1, max(id)+2, ... in insert order.
     span = (base + 1, base + total)
-    db.execute(_ROLLUP_FROM_CALLS, span)
-    db.execute(_SERIES_FROM_CALLS, span)
+    db.execute(_CREATE_BATCH_GROUPS)
+    db.execute(_GROUP_CALLS, span)
+    db.execute(_ROLLUP_FROM_GROUPS)
+    db.execute(_SERIES_FROM_GROUPS)
+    db.execute(f"DELETE FROM {_BATCH_GROUPS}")
+    db.execute(_HISTOGRAM_FROM_CALLS, span)
     if first:
         db.execute(_SESSIONS_FROM_CALLS, span)
     return duplicates

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from exporter import ApiCall, CacheHit, Exporter, ModelOverride, QueueFull, Settings
+from exporter.aggregator import HISTOGRAM_BOUNDS_S
 from exporter.store.db import MIGRATIONS_DIR, MigrationError, connect, migrate, request_key
 from exporter.store.queries import recent_request_ids
 from exporter.windows import CALLS, COST, TOKENS_IN
@@ -304,6 +305,11 @@ async def test_restart_restores_totals_counters_and_the_ten_minute_window(
     exporter = await Exporter.start(settings_for(tmp_path), clock=clock)
     for i in range(2_000):
         exporter.record(random_call(rng, clock, i, rid=True))
+    # Latencies on a histogram bound and a microsecond past it: the store must bucket them as
+    # the aggregator does (a bound belongs to the bucket it closes).
+    for bound_ms in (b * 1000 for b in HISTOGRAM_BOUNDS_S):
+        for latency_ms in (bound_ms, bound_ms + 0.001):
+            exporter.record(ApiCall(model="gpt-4o", input_tokens=1, latency_ms=latency_ms))
     exporter.record(CacheHit(model="claude-sonnet-4-5", savings_usd=0.5))
     exporter.record(ModelOverride(original_model="claude-opus-4-1", override_model="gpt-4o"))
     before_totals = exporter.aggregator.grand_total()
