@@ -173,6 +173,14 @@ VALUES (?, ?, 0, 0, 0, 0, 0, 0, 0, ?, 0, 0)
 ON CONFLICT (minute, series_id) DO UPDATE SET savings_nanos = savings_nanos + excluded.savings_nanos
 """
 _SPILL_PROGRESS_KEY: Final = "spill_progress"
+_SAVE_PROGRESS: Final = "INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)"
+#: Label sets as [[id, provider, model, tier, project, agent], ...] (JSON): one statement, where
+#: executemany() would wait for the GIL after each row.
+_INSERT_SERIES: Final = """
+INSERT OR IGNORE INTO series (id, provider, model, tier, project, agent)
+SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5
+FROM json_each(?)
+"""
 
 
 class QueueFull(RuntimeError):
@@ -425,14 +433,26 @@ class BatchWriter:
         conn = self._conn
         aggregator = self._aggregator
         new_series, aggregator.new_series = aggregator.new_series, []
+        if not batch.others:
+            # Calls only (nearly every batch under load): the whole transaction in one hop to
+            # the connection's thread, which otherwise waits for the GIL at each of them.
+            keys = aggregator.series_keys
+            series = [(sid, *keys[sid]) for sid in new_series]
+            try:
+                retract_calls = await _on_connection_thread(
+                    conn, _commit_calls, batch.calls, keys, series, progress
+                )
+            except BaseException:
+                aggregator.new_series[:0] = new_series
+                raise
+            for row in retract_calls:
+                aggregator.retract_call(row)
+            return len(batch) - len(retract_calls)
         await conn.execute("BEGIN IMMEDIATE")
         try:
             retract_calls, retract_others = await self._write_rows(batch, new_series)
             if progress is not None:
-                await conn.execute(
-                    "INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
-                    (_SPILL_PROGRESS_KEY, progress),
-                )
+                await conn.execute(_SAVE_PROGRESS, (_SPILL_PROGRESS_KEY, progress))
             await conn.execute("COMMIT")
         except BaseException:
             aggregator.new_series[:0] = new_series
@@ -453,10 +473,8 @@ class BatchWriter:
         aggregator = self._aggregator
         if new_series:
             keys = aggregator.series_keys
-            await conn.executemany(
-                "INSERT OR IGNORE INTO series (id, provider, model, tier, project, agent)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [(sid, *keys[sid]) for sid in new_series],
+            await conn.execute(
+                _INSERT_SERIES, (msgspec.json.encode([(sid, *keys[sid]) for sid in new_series]),)
             )
         duplicates: list[CallRow] = []
         if batch.calls:
@@ -532,11 +550,8 @@ class BatchWriter:
 
     async def _ensure_series(self, series_ids: Iterable[int]) -> None:
         keys = self._aggregator.series_keys
-        await self._conn.executemany(
-            "INSERT OR IGNORE INTO series (id, provider, model, tier, project, agent)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            [(sid, *keys[sid]) for sid in set(series_ids)],
-        )
+        rows = [(sid, *keys[sid]) for sid in set(series_ids)]
+        await self._conn.execute(_INSERT_SERIES, (msgspec.json.encode(rows),))
 
     async def _stored(self, query: str, values: list[Any]) -> set[str]:
         """The values `query` finds stored; it reads them from one JSON array parameter."""
@@ -707,6 +722,30 @@ async def _on_connection_thread(
     operations like any aiosqlite call (aiosqlite has no public API for a whole function)."""
     result = await conn._execute(work, conn._conn, *args)  # type: ignore[no-untyped-call]
     return cast(T, result)
+
+
+def _commit_calls(
+    db: sqlite3.Connection,
+    calls: list[CallRow],
+    series_keys: dict[int, SeriesKey],
+    new_series: list[tuple[int | str, ...]],
+    progress: str | None,
+) -> list[CallRow]:
+    """One transaction on the connection's thread: new label sets, the calls (see
+    `_write_calls`, whose repeats it returns) and the spill replay's progress, if any."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if new_series:
+            db.execute(_INSERT_SERIES, (msgspec.json.encode(new_series),))
+        duplicates = _write_calls(db, calls, series_keys) if calls else []
+        if progress is not None:
+            db.execute(_SAVE_PROGRESS, (_SPILL_PROGRESS_KEY, progress))
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    return duplicates
 
 
 def _write_calls(
