@@ -69,9 +69,10 @@ _KEYED_COLUMNS: Final = CALL_COLUMNS + ", request_key"
 # the driver). (Numbered parameters, ?NNN, made binding six times slower.)
 _INSERT_ROWS_MAX: Final = 1024
 _CALL_FIELDS: Final = 14
-#: The stored calls among [[key, request id], ...] (JSON): found by key, then compared.
+#: The stored calls among [[key, request id], ...] (JSON): found by key, then compared; one
+#: row, a JSON array of their ids.
 _STORED_REQUEST_IDS: Final = (
-    "SELECT c.request_id FROM json_each(?) j JOIN api_calls c"
+    "SELECT json_group_array(c.request_id) FROM json_each(?) j JOIN api_calls c"
     " ON c.request_key = j.value ->> 0 AND c.request_id = j.value ->> 1"
 )
 _SUMS: Final = (
@@ -89,33 +90,33 @@ _SUMS: Final = (
 _SUM_NAMES: Final = [name for name, _ in _SUMS]
 _SUM_FIELDS: Final = ", ".join(_SUM_NAMES)
 _SUM_EXPRS: Final = ", ".join(expr for _, expr in _SUMS)
+# After a batch's rows are inserted, one statement does the rest: recording the batch's id span
+# in flush_span fires the temp triggers below. Behind a busy event loop the writer's thread waits
+# for the GIL after every statement, and after every row a query returns, so the work after the
+# inserts is one statement and each lookup returns one row (a JSON array).
+#
 # Rollups and series totals come from one grouping of the batch's rows by (minute, series) into a
 # temp table (a batch under load spans a minute or two: far fewer groups than rows), then from
 # that small table; the latency histogram from one more pass that finds each row's bucket with a
 # CASE, grouped by (series, bucket). Summing each bucket's condition over every row, in the same
 # pass as the other sums, cost 2.7 µs a row against 2.0 for this.
-_BATCH_GROUPS: Final = "temp.batch_rollup"
-_CREATE_BATCH_GROUPS: Final = (
-    f"CREATE TEMP TABLE IF NOT EXISTS batch_rollup (minute INTEGER NOT NULL,"
-    f" series_id INTEGER NOT NULL, {', '.join(f'{n} INTEGER NOT NULL' for n in _SUM_NAMES)})"
-)
 _GROUP_CALLS: Final = f"""
-INSERT INTO {_BATCH_GROUPS} (minute, series_id, {_SUM_FIELDS})
+INSERT INTO batch_rollup (minute, series_id, {_SUM_FIELDS})
 SELECT (timestamp / 60000) * 60000, series_id, {_SUM_EXPRS}
-FROM main.api_calls WHERE id BETWEEN ? AND ? GROUP BY 1, 2
+FROM api_calls WHERE id BETWEEN NEW.lo AND NEW.hi GROUP BY 1, 2
 """
 _ROLLUP_FROM_GROUPS: Final = f"""
-INSERT INTO main.metrics_aggregated (minute, series_id, {_SUM_FIELDS})
-SELECT minute, series_id, {_SUM_FIELDS} FROM {_BATCH_GROUPS} WHERE true
+INSERT INTO metrics_aggregated (minute, series_id, {_SUM_FIELDS})
+SELECT minute, series_id, {_SUM_FIELDS} FROM batch_rollup WHERE true
 ON CONFLICT (minute, series_id) DO UPDATE SET
 {", ".join(f"{n} = {n} + excluded.{n}" for n in _SUM_NAMES)}
 """
 _SERIES_FROM_GROUPS: Final = f"""
-UPDATE main.series SET
+UPDATE series SET
 {", ".join(f"{n} = series.{n} + agg.{n}" for n in _SUM_NAMES)}
 FROM (
     SELECT series_id, {", ".join(f"sum({n}) AS {n}" for n in _SUM_NAMES)}
-    FROM {_BATCH_GROUPS} GROUP BY series_id
+    FROM batch_rollup GROUP BY series_id
 ) AS agg
 WHERE series.id = agg.series_id
 """
@@ -131,24 +132,17 @@ def _bucket_expr() -> str:
 
 _HIST_COUNT: Final = TOTAL_FIELDS - HIST_OFFSET
 _HISTOGRAM_FROM_CALLS: Final = f"""
-UPDATE main.series SET
+UPDATE series SET
 {", ".join(f"h{i} = series.h{i} + agg.h{i}" for i in range(_HIST_COUNT))}
 FROM (
     SELECT series_id,
     {", ".join(f"sum(CASE bucket WHEN {i} THEN n ELSE 0 END) AS h{i}" for i in range(_HIST_COUNT))}
     FROM (
-        SELECT series_id, {_bucket_expr()} AS bucket, count(*) AS n FROM main.api_calls
-        WHERE id BETWEEN ? AND ? AND latency_us IS NOT NULL GROUP BY 1, 2
+        SELECT series_id, {_bucket_expr()} AS bucket, count(*) AS n FROM api_calls
+        WHERE id BETWEEN NEW.lo AND NEW.hi AND latency_us IS NOT NULL GROUP BY 1, 2
     ) GROUP BY series_id
 ) AS agg
 WHERE series.id = agg.series_id
-"""
-#: Sessions new in a batch, as [[session_id, project, first timestamp], ...] (JSON): their ids
-#: must exist before the calls that name them are inserted.
-_NEW_SESSIONS: Final = """
-INSERT INTO sessions (session_id, project, first_seen, last_seen)
-SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 2 FROM json_each(?) WHERE true
-ON CONFLICT (session_id) DO NOTHING
 """
 _SESSIONS_FROM_CALLS: Final = """
 UPDATE sessions SET
@@ -159,10 +153,39 @@ UPDATE sessions SET
 FROM (
     SELECT session, min(timestamp) AS first_seen, max(timestamp) AS last_seen,
         count(*) AS calls, sum(cost_nanos) AS cost_nanos
-    FROM api_calls WHERE id BETWEEN ? AND ? AND session IS NOT NULL GROUP BY session
+    FROM api_calls WHERE id BETWEEN NEW.lo AND NEW.hi AND session IS NOT NULL GROUP BY session
 ) AS agg
 WHERE sessions.id = agg.session
 """
+#: Temp objects of the writer's connection, created before its first transaction (a rollback
+#: would take them with it). A temp trigger names the main schema's tables unqualified.
+_PREPARE_CONNECTION: Final = (
+    "CREATE TEMP TABLE IF NOT EXISTS batch_rollup (minute INTEGER NOT NULL,"
+    f" series_id INTEGER NOT NULL, {', '.join(f'{n} INTEGER NOT NULL' for n in _SUM_NAMES)})",
+    "CREATE TEMP TABLE IF NOT EXISTS flush_span (id INTEGER PRIMARY KEY CHECK (id = 1),"
+    " lo INTEGER NOT NULL, hi INTEGER NOT NULL, sessions INTEGER NOT NULL)",
+    "CREATE TEMP TRIGGER IF NOT EXISTS flush_calls AFTER INSERT ON flush_span BEGIN"
+    f" {_GROUP_CALLS}; {_ROLLUP_FROM_GROUPS}; {_SERIES_FROM_GROUPS}; DELETE FROM batch_rollup;"
+    f" {_HISTOGRAM_FROM_CALLS}; END",
+    "CREATE TEMP TRIGGER IF NOT EXISTS flush_sessions AFTER INSERT ON flush_span"
+    f" WHEN NEW.sessions BEGIN {_SESSIONS_FROM_CALLS}; END",
+)
+#: Rollups, series totals, histogram and sessions of the calls with ids lo..hi (the triggers).
+_FLUSH_SPAN: Final = (
+    "INSERT OR REPLACE INTO temp.flush_span (id, lo, hi, sessions) VALUES (1, ?, ?, ?)"
+)
+#: Sessions new in a batch, as [[session_id, project, first timestamp], ...] (JSON): their ids
+#: must exist before the calls that name them are inserted.
+_NEW_SESSIONS: Final = """
+INSERT INTO sessions (session_id, project, first_seen, last_seen)
+SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 2 FROM json_each(?) WHERE true
+ON CONFLICT (session_id) DO NOTHING
+"""
+#: Their ids, as one JSON array of [session_id, id].
+_SESSION_IDS: Final = (
+    "SELECT json_group_array(json_array(s.session_id, s.id)) FROM json_each(?) j"
+    " JOIN sessions s ON s.session_id = j.value ->> 0"
+)
 _UPSERT_COUNTER: Final = (
     "INSERT INTO event_counters (name, labels, value) VALUES (?, ?, ?)"
     " ON CONFLICT (name, labels) DO UPDATE SET value = value + excluded.value"
@@ -256,6 +279,8 @@ class BatchWriter:
         #: The last flush failed: SQLite refuses writes (its events are spilled, or held in
         #: memory when the spill file cannot be written either).
         self._failing = False
+        #: The connection has the temp table and triggers of `_PREPARE_CONNECTION`.
+        self._prepared = False
 
     # -- the per-event path -------------------------------------------------------------------
 
@@ -432,6 +457,9 @@ class BatchWriter:
         """
         conn = self._conn
         aggregator = self._aggregator
+        if not self._prepared:
+            await _on_connection_thread(conn, _prepare_connection)
+            self._prepared = True
         new_series, aggregator.new_series = aggregator.new_series, []
         if not batch.others:
             # Calls only (nearly every batch under load): the whole transaction in one hop to
@@ -761,8 +789,8 @@ def _write_calls(
     request_ids = [row[13] for row in calls if row[13] is not None]
     if request_ids:
         pairs = [[request_key(rid), rid] for rid in request_ids]
-        found = db.execute(_STORED_REQUEST_IDS, (msgspec.json.encode(pairs),))
-        stored = {str(row[0]) for row in found}
+        (found,) = db.execute(_STORED_REQUEST_IDS, (msgspec.json.encode(pairs),)).fetchone()
+        stored = set(msgspec.json.decode(found, type=list[str]))
         if stored or len(set(request_ids)) < len(request_ids):
             calls, duplicates = _drop_repeated(calls, stored)
             if not calls:
@@ -772,20 +800,16 @@ def _write_calls(
         session = row[2]
         if session is not None and session not in first:
             first[session] = row
-    session_ids: dict[object, int] = {}
+    session_ids: dict[str | None, int] = {}
     if first:
         news = [[name, series_keys[row[1]][3], row[0]] for name, row in first.items()]
         body = (msgspec.json.encode(news),)
         db.execute(_NEW_SESSIONS, body)
-        found = db.execute(
-            "SELECT s.session_id, s.id FROM json_each(?) j"
-            " JOIN sessions s ON s.session_id = j.value ->> 0",
-            body,
-        )
-        session_ids = {str(name): int(sid) for name, sid in found}
-    (base,) = db.execute("SELECT coalesce(max(id), 0) FROM api_calls").fetchone()
+        (found,) = db.execute(_SESSION_IDS, body).fetchone()
+        session_ids = dict(msgspec.json.decode(found, type=list[tuple[str, int]]))
     start, total = 0, len(calls)
     keyed = bool(request_ids)
+    last = 0
     while start < total:
         size = min(_INSERT_ROWS_MAX, 1 << ((total - start).bit_length() - 1))
         chunk: Iterable[tuple[Any, ...]] = calls[start : start + size]
@@ -795,19 +819,16 @@ def _write_calls(
         if session_ids:
             stride = _CALL_FIELDS + keyed
             values[2::stride] = map(session_ids.get, values[2::stride])
-        db.execute(_insert_calls_sql(size, keyed), values)
+        last = db.execute(_insert_calls_sql(size, keyed), values).lastrowid or 0
         start += size
     # Single writer: SQLite numbers new rows max(id)+1, max(id)+2, ... in insert order.
-    span = (base + 1, base + total)
-    db.execute(_CREATE_BATCH_GROUPS)
-    db.execute(_GROUP_CALLS, span)
-    db.execute(_ROLLUP_FROM_GROUPS)
-    db.execute(_SERIES_FROM_GROUPS)
-    db.execute(f"DELETE FROM {_BATCH_GROUPS}")
-    db.execute(_HISTOGRAM_FROM_CALLS, span)
-    if first:
-        db.execute(_SESSIONS_FROM_CALLS, span)
+    db.execute(_FLUSH_SPAN, (last - total + 1, last, bool(first)))
     return duplicates
+
+
+def _prepare_connection(db: sqlite3.Connection) -> None:
+    for statement in _PREPARE_CONNECTION:
+        db.execute(statement)
 
 
 @functools.cache

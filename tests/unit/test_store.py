@@ -213,6 +213,38 @@ async def test_ids_sharing_a_key_are_told_apart_by_their_text(tmp_path: Path) ->
     assert rows == [(first, 1), (second, 2)]
 
 
+async def test_sessions_count_their_calls_cost_and_time_span(tmp_path: Path) -> None:
+    """`sessions` is kept in each flush's transaction: it equals a recomputation from the calls,
+    for sessions new in a flush and for sessions seen in an earlier one."""
+    clock = FakeClock()
+    rng = random.Random(8)
+    exporter = await Exporter.start(settings_for(tmp_path), clock=clock)
+    try:
+        for i in range(300):
+            exporter.record(random_call(rng, clock, i))
+        await exporter.flush()
+        for i in range(300, 500):
+            call = random_call(rng, clock, i)
+            call.session_id = call.session_id and f"{call.session_id}-{i % 2}"
+            exporter.record(call)
+        exporter.record(ApiCall(model="gpt-4o", input_tokens=5, session_id="s-1"))
+        await exporter.flush()
+    finally:
+        await exporter.close()
+    with sqlite3.connect(tmp_path / "metrics.db") as c:
+        stored = c.execute(
+            "SELECT session_id, first_seen, last_seen, calls, cost_nanos FROM sessions"
+            " ORDER BY session_id"
+        ).fetchall()
+        expected = c.execute(
+            "SELECT x.session_id, min(c.timestamp), max(c.timestamp), count(*),"
+            " sum(c.cost_nanos) FROM api_calls c JOIN sessions x ON x.id = c.session"
+            " GROUP BY x.session_id ORDER BY x.session_id"
+        ).fetchall()
+    assert len(stored) == 6  # s-1, s-2; then s-1-0, s-1-1, s-2-0, s-2-1
+    assert stored == expected
+
+
 async def test_the_dedup_memory_is_seeded_with_the_newest_ids_oldest_first(tmp_path: Path) -> None:
     exporter = await Exporter.start(settings_for(tmp_path))
     for i in range(10):
