@@ -282,11 +282,11 @@ class Aggregator:
                 sums[LATENCY_COUNT] += 1
                 bucket.sketch.add_key(latency_key)
         else:
+            # Older: straight into the totals and through the windows' sums (rare).
             values = _window_row(row)
             total = self._totals[series_id]
             total[:ROW_FIELDS] = map(operator.add, total, values)
-            ring.add(second, tier, values, None if latency_us is None else latency_key, 1)
-            self.minutes.add(ts_ms // 60_000, series_id, values, None, 1)
+            self._window_add(row, values, 1)
         self.recent.append(event)
         return row
 

@@ -464,11 +464,10 @@ class BatchWriter:
         if not batch.others:
             # Calls only (nearly every batch under load): the whole transaction in one hop to
             # the connection's thread, which otherwise waits for the GIL at each of them.
-            keys = aggregator.series_keys
-            series = [(sid, *keys[sid]) for sid in new_series]
+            series = self._series_json(new_series) if new_series else None
             try:
                 retract_calls = await _on_connection_thread(
-                    conn, _commit_calls, batch.calls, keys, series, progress
+                    conn, _commit_calls, batch.calls, aggregator.series_keys, series, progress
                 )
             except BaseException:
                 aggregator.new_series[:0] = new_series
@@ -500,10 +499,7 @@ class BatchWriter:
         conn = self._conn
         aggregator = self._aggregator
         if new_series:
-            keys = aggregator.series_keys
-            await conn.execute(
-                _INSERT_SERIES, (msgspec.json.encode([(sid, *keys[sid]) for sid in new_series]),)
-            )
+            await self._ensure_series(new_series)
         duplicates: list[CallRow] = []
         if batch.calls:
             keys = aggregator.series_keys
@@ -577,9 +573,12 @@ class BatchWriter:
         return duplicates
 
     async def _ensure_series(self, series_ids: Iterable[int]) -> None:
+        await self._conn.execute(_INSERT_SERIES, (self._series_json(series_ids),))
+
+    def _series_json(self, series_ids: Iterable[int]) -> bytes:
+        """Label sets as `_INSERT_SERIES` takes them."""
         keys = self._aggregator.series_keys
-        rows = [(sid, *keys[sid]) for sid in set(series_ids)]
-        await self._conn.execute(_INSERT_SERIES, (msgspec.json.encode(rows),))
+        return msgspec.json.encode([(sid, *keys[sid]) for sid in set(series_ids)])
 
     async def _stored(self, query: str, values: list[Any]) -> set[str]:
         """The values `query` finds stored; it reads them from one JSON array parameter."""
@@ -756,15 +755,15 @@ def _commit_calls(
     db: sqlite3.Connection,
     calls: list[CallRow],
     series_keys: dict[int, SeriesKey],
-    new_series: list[tuple[int | str, ...]],
+    new_series: bytes | None,
     progress: str | None,
 ) -> list[CallRow]:
     """One transaction on the connection's thread: new label sets, the calls (see
     `_write_calls`, whose repeats it returns) and the spill replay's progress, if any."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        if new_series:
-            db.execute(_INSERT_SERIES, (msgspec.json.encode(new_series),))
+        if new_series is not None:
+            db.execute(_INSERT_SERIES, (new_series,))
         duplicates = _write_calls(db, calls, series_keys) if calls else []
         if progress is not None:
             db.execute(_SAVE_PROGRESS, (_SPILL_PROGRESS_KEY, progress))
@@ -787,8 +786,10 @@ def _write_calls(
     """
     duplicates: list[CallRow] = []
     request_ids = [row[13] for row in calls if row[13] is not None]
+    # Each id's key, computed once: for the lookup and for the rows (`get(None)` is None).
+    keys = {rid: request_key(rid) for rid in request_ids}
     if request_ids:
-        pairs = [[request_key(rid), rid] for rid in request_ids]
+        pairs = [[key, rid] for rid, key in keys.items()]
         (found,) = db.execute(_STORED_REQUEST_IDS, (msgspec.json.encode(pairs),)).fetchone()
         stored = set(msgspec.json.decode(found, type=list[str]))
         if stored or len(set(request_ids)) < len(request_ids):
@@ -809,12 +810,13 @@ def _write_calls(
         session_ids = dict(msgspec.json.decode(found, type=list[tuple[str, int]]))
     start, total = 0, len(calls)
     keyed = bool(request_ids)
+    key_of = keys.get
     last = 0
     while start < total:
         size = min(_INSERT_ROWS_MAX, 1 << ((total - start).bit_length() - 1))
         chunk: Iterable[tuple[Any, ...]] = calls[start : start + size]
         if keyed:
-            chunk = [(*row, None if row[13] is None else request_key(row[13])) for row in chunk]
+            chunk = [(*row, key_of(row[13])) for row in chunk]
         values = list(itertools.chain.from_iterable(chunk))
         if session_ids:
             stride = _CALL_FIELDS + keyed
