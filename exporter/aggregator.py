@@ -57,6 +57,7 @@ __all__ = [
     "SeriesKey",
     "WindowSnapshot",
     "counter_updates",
+    "totals_row",
 ]
 
 #: OTel GenAI latency buckets, seconds (upper bounds; +Inf is implied).
@@ -161,6 +162,10 @@ class Aggregator:
         self._totals: dict[int, list[int]] = {}
         #: Open one-second buckets holding staged rows (see `record_call`); may repeat.
         self._staged: list[Bucket[str]] = []
+        #: Sums (a totals row: window fields, then histogram counts) per (minute, series id) of
+        #: the calls recorded since the store last took them (`take_rollup`): the store writes
+        #: them as the per-minute rollups and series totals of the calls it flushes with them.
+        self._rollup: dict[tuple[int, int], list[int]] = {}
         #: Newest call timestamp (ms) per series, for "last activity" views.
         self.last_seen: dict[int, int] = {}
         #: Non-call event counts: (name, label values) -> count; see `record_other`.
@@ -231,7 +236,6 @@ class Aggregator:
             latency_key = 0
         else:
             latency_us = round(latency * 1000)
-            self._totals[series_id][HIST_OFFSET + _bisect_left(_BOUNDS_US, latency_us)] += 1
             # sketch_key(latency_us / 1000.0), inlined.
             value = latency_us / 1000.0
             latency_key = (
@@ -267,7 +271,7 @@ class Aggregator:
             bucket = ring.open if second >= current else ring.buckets[second % RING_SECONDS]
             sums = bucket.staged.get(series_id)
             if sums is None:
-                sums = bucket.staged[series_id] = [0] * ROW_FIELDS
+                sums = bucket.staged[series_id] = [0] * TOTAL_FIELDS
                 self._staged.append(bucket)
             sums[CALLS] += 1
             sums[ERRORS] += error
@@ -280,13 +284,21 @@ class Aggregator:
             if latency_us is not None:
                 sums[LATENCY_SUM] += latency_us
                 sums[LATENCY_COUNT] += 1
+                sums[HIST_OFFSET + _bisect_left(_BOUNDS_US, latency_us)] += 1
                 bucket.sketch.add_key(latency_key)
+            if second > current and second // 60 != current // 60:
+                # A client clock ahead, past a minute's end: staged in the open second, but
+                # its rollup minute is its own.
+                values = totals_row(row)
+                self._rollup_add((current // 60, series_id), values, operator.sub)
+                self._rollup_add((second // 60, series_id), values, operator.add)
         else:
-            # Older: straight into the totals and through the windows' sums (rare).
-            values = _window_row(row)
+            # Older: straight into the totals, the rollups and the windows' sums (rare).
+            values = totals_row(row)
             total = self._totals[series_id]
-            total[:ROW_FIELDS] = map(operator.add, total, values)
-            self._window_add(row, values, 1)
+            total[:] = map(operator.add, total, values)
+            self._rollup_add((ts_ms // 60_000, series_id), values, operator.add)
+            self._window_add(row, values[:ROW_FIELDS], 1)
         self.recent.append(event)
         return row
 
@@ -300,10 +312,12 @@ class Aggregator:
 
     def _fold_staged(self) -> None:
         """Move the rows staged per label set in open seconds into those seconds' tier rows,
-        the minute ring and the cumulative totals. Any time is right: the seconds stay open."""
+        the minute ring, the cumulative totals and the rollups the store has yet to take. Any
+        time is right: the seconds stay open."""
         keys = self.series_keys
         totals = self._totals
         minutes = self.minutes
+        rollup = self._rollup
         add = operator.add
         for bucket in self._staged:
             staged = bucket.staged
@@ -313,16 +327,43 @@ class Aggregator:
             rows = bucket.rows
             minute = bucket.second // 60
             for series_id, values in staged.items():
+                # `values` is a totals row; the windows keep its first ROW_FIELDS.
                 tier = keys[series_id][2]
                 into = rows.get(tier)
                 if into is None:
-                    rows[tier] = values.copy()
+                    rows[tier] = values[:ROW_FIELDS]
                 else:
-                    into[:] = map(add, into, values)
+                    into[:] = map(add, into, values[:ROW_FIELDS])
                 minutes.add(minute, series_id, values, None, 1)
                 total = totals[series_id]
-                total[:ROW_FIELDS] = map(add, total, values)
+                total[:] = map(add, total, values)
+                pending = rollup.get((minute, series_id))
+                if pending is None:
+                    rollup[minute, series_id] = values  # nothing else holds it now
+                else:
+                    pending[:] = map(add, pending, values)
         self._staged.clear()
+
+    def _rollup_add(
+        self, key: tuple[int, int], values: list[int], op: Callable[[int, int], int]
+    ) -> None:
+        pending = self._rollup.get(key)
+        if pending is None:
+            pending = self._rollup[key] = [0] * TOTAL_FIELDS
+        pending[:] = map(op, pending, values)
+
+    def take_rollup(self) -> dict[tuple[int, int], list[int]]:
+        """Sums per (minute, series id) of every call recorded since the last take, as totals
+        rows; the store takes them with the calls it is about to write (see BatchWriter)."""
+        if self._staged:
+            self._fold_staged()
+        rollup, self._rollup = self._rollup, {}
+        return rollup
+
+    def give_back_rollup(self, rollup: dict[tuple[int, int], list[int]]) -> None:
+        """Sums taken by `take_rollup` whose calls were not written: the next take has them."""
+        for key, values in rollup.items():
+            self._rollup_add(key, values, operator.add)
 
     @property
     def totals(self) -> dict[int, list[int]]:
@@ -475,6 +516,15 @@ class Aggregator:
         for row in self.totals.values():
             add_row(out, row)
         return out
+
+
+def totals_row(row: CallRow) -> list[int]:
+    """A call row as a totals row: its window row, then its histogram bucket's count."""
+    values = _window_row(row) + [0] * (TOTAL_FIELDS - ROW_FIELDS)
+    latency_us = row[8]
+    if latency_us is not None:
+        values[HIST_OFFSET + _bisect_left(_BOUNDS_US, latency_us)] = 1
+    return values
 
 
 def _window_row(row: CallRow) -> list[int]:

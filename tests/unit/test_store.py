@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import random
 import sqlite3
 from pathlib import Path
@@ -243,6 +244,144 @@ async def test_sessions_count_their_calls_cost_and_time_span(tmp_path: Path) -> 
         ).fetchall()
     assert len(stored) == 6  # s-1, s-2; then s-1-0, s-1-1, s-2-0, s-2-1
     assert stored == expected
+
+
+_ROLLUP_SUMS = (
+    "calls, errors, input_tokens, output_tokens, cache_read_tokens, cache_creation_tokens,"
+    " cost_nanos, savings_nanos, latency_us_sum, latency_count"
+)
+_CALL_SUMS = (
+    "count(*), sum(status), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens),"
+    " sum(cache_creation_tokens), sum(cost_nanos), sum(savings_nanos),"
+    " coalesce(sum(latency_us), 0), count(latency_us)"
+)
+
+
+def assert_rollups_match_calls(path: Path) -> None:
+    """metrics_aggregated, series totals and series histograms equal a recomputation from
+    api_calls (the bucket of each stored latency found again with bisect)."""
+    bounds = [round(b * 1_000_000) for b in HISTOGRAM_BOUNDS_S]
+    hist = ", ".join(f"h{i}" for i in range(len(bounds) + 1))
+    with sqlite3.connect(path) as c:
+        stored = c.execute(
+            f"SELECT minute, series_id, {_ROLLUP_SUMS} FROM metrics_aggregated ORDER BY 1, 2"
+        ).fetchall()
+        expected = c.execute(
+            f"SELECT (timestamp / 60000) * 60000, series_id, {_CALL_SUMS} FROM api_calls"
+            " GROUP BY 1, 2 ORDER BY 1, 2"
+        ).fetchall()
+        assert stored == expected
+        series = c.execute(
+            f"SELECT id, {_ROLLUP_SUMS}, {hist} FROM series WHERE calls > 0 ORDER BY id"
+        ).fetchall()
+        sums = c.execute(
+            f"SELECT series_id, {_CALL_SUMS} FROM api_calls GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+        counts: dict[int, list[int]] = {}
+        for series_id, latency in c.execute("SELECT series_id, latency_us FROM api_calls"):
+            row = counts.setdefault(series_id, [0] * (len(bounds) + 1))
+            if latency is not None:
+                row[bisect.bisect_left(bounds, latency)] += 1
+    assert series == [(*row, *counts[row[0]]) for row in sums]
+
+
+async def test_rollups_and_series_totals_equal_a_recomputation_from_the_calls(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The aggregator hands the writer each batch's sums per (minute, label set); whatever the
+    path a call takes (an open second, a client clock ahead across a minute's end, a late call,
+    a repeat only the store recognises, a spilled and replayed batch, a batch with other events,
+    a restart), the rollups and series totals equal the stored calls' sums."""
+    bounds_ms = [b * 1000 for b in HISTOGRAM_BOUNDS_S]
+    clock = FakeClock(1_790_000_039.5)  # 0.5 s before a minute ends
+    rng = random.Random(17)
+    # The exporter remembers one request id: repeats reach the store, which refuses them.
+    settings = settings_for(tmp_path, dedup_memory=1, batch_size=50)
+    ids = [f"r{i}" for i in range(40)]
+
+    def call() -> ApiCall:
+        shape = rng.random()
+        if shape < 0.5:
+            ts = clock.ms - rng.randint(0, 5_000)  # an open second
+        elif shape < 0.8:
+            ts = clock.ms + rng.randint(1, 3_000)  # a clock ahead: often the next minute
+        else:
+            ts = clock.ms - rng.randint(10_000, 900_000)  # late
+        return ApiCall(
+            model=rng.choice(MODELS),
+            timestamp=ts,
+            project=rng.choice(["web", "api"]),
+            session_id=rng.choice([None, "s-1"]),
+            request_id=rng.choice([None, None, rng.choice(ids)]),
+            input_tokens=rng.randint(0, 300_000),
+            output_tokens=rng.randint(0, 9_000),
+            cache_creation_tokens=rng.randint(0, 4_000),
+            cache_read_tokens=rng.randint(0, 9_000),
+            # On a bucket's bound, 1 µs past it, or anywhere.
+            latency_ms=rng.choice(
+                [None, rng.choice(bounds_ms) + rng.choice([0, 0.001]), rng.uniform(1, 90_000)]
+            ),
+            status=rng.choice(["ok", "ok", "error"]),
+        )
+
+    exporter = await Exporter.start(settings, clock=clock)
+    for step in range(8):
+        for _ in range(60):
+            exporter.record(call())
+        if step == 3:
+            exporter.record(ModelOverride(original_model="gpt-4o", override_model="gpt-5"))
+        clock.advance(rng.choice([0.25, 0.5, 1.0, 2.0]))
+        await exporter.flush()
+    assert exporter.aggregator.duplicates > 0  # the store found repeated ids
+
+    # A full disk: the next batch is spilled (its rows only), and replayed once writes work.
+    conn = exporter.writer.connection
+    async with conn.execute("PRAGMA page_count") as cursor:
+        row = await cursor.fetchone()
+    assert row is not None
+    await conn.execute(f"PRAGMA max_page_count = {row[0]}")
+    for _ in range(300):
+        exporter.record(call())
+    await exporter.flush()
+    assert exporter.health().spill_backlog > 0
+    await conn.execute("PRAGMA max_page_count = 1073741823")
+    for _ in range(60):
+        exporter.record(call())
+    await exporter.flush()
+    assert exporter.health().spill_backlog == 0
+    # Neither the database nor the spill file: the batch stays queued, and is written later.
+    await conn.execute(f"PRAGMA max_page_count = {row[0]}")
+    spill_path = exporter.writer._spill_path
+    exporter.writer._spill_path = tmp_path / "not-a-file"
+    exporter.writer._spill_path.mkdir()
+    held = sum(exporter.record(call()) for _ in range(200))
+    await exporter.flush()
+    assert exporter.health().queue_depth == held > 0
+    await conn.execute("PRAGMA max_page_count = 1073741823")
+    exporter.writer._spill_path = spill_path
+    for _ in range(60):
+        exporter.record(call())
+    await exporter.flush()
+    assert exporter.health().queue_depth == 0
+    totals = exporter.aggregator.grand_total()
+    await exporter.close()
+    assert_rollups_match_calls(tmp_path / "metrics.db")
+
+    exporter = await Exporter.start(settings, clock=clock)
+    assert exporter.aggregator.grand_total() == totals
+    for _ in range(3):
+        for _ in range(60):
+            exporter.record(call())
+        clock.advance(0.75)
+        await exporter.flush()
+    totals = exporter.aggregator.grand_total()
+    await exporter.close()
+    assert_rollups_match_calls(tmp_path / "metrics.db")
+    with sqlite3.connect(tmp_path / "metrics.db") as c:
+        stored = c.execute(f"SELECT {_ROLLUP_SUMS} FROM series").fetchall()
+    assert [sum(column) for column in zip(*stored, strict=True)] == totals[:10]
+    # Every batch came with the sums of exactly its calls: SQLite never had to add them up.
+    assert "SQLite sums them" not in caplog.text
 
 
 async def test_the_dedup_memory_is_seeded_with_the_newest_ids_oldest_first(tmp_path: Path) -> None:
