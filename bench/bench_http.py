@@ -862,10 +862,10 @@ def bench_rss(run: Run) -> dict[str, Any]:
         simulators.append(simulator)
         run.stack.callback(kill_quietly, simulator)
     started = time.monotonic()
-    samples = [(0.0, proc.memory_info().rss)]
+    samples = [(0.0, tree_rss(proc))]
     while any(s.poll() is None for s in simulators):
         time.sleep(min(5.0, max(0.0, started + 5 * len(samples) - time.monotonic())))
-        samples.append((time.monotonic() - started, proc.memory_info().rss))
+        samples.append((time.monotonic() - started, tree_rss(proc)))
     outputs = [s.communicate()[0] for s in simulators]
     sent = elapsed = 0.0
     for output in outputs:
@@ -875,7 +875,7 @@ def bench_rss(run: Run) -> dict[str, Any]:
         sent += int(match.group(1))
         elapsed = max(elapsed, float(match.group(2)))
     _, _, counted = server.settle()
-    samples.append((time.monotonic() - started, proc.memory_info().rss))
+    samples.append((time.monotonic() - started, tree_rss(proc)))
     models = server.client.get("/api/metrics/models").json()["models"]
     metrics_text = server.client.get("/metrics").text
     high_water = high_water_mb(server.pid)
@@ -904,14 +904,34 @@ def bench_rss(run: Run) -> dict[str, Any]:
     }
 
 
+def tree_rss(proc: psutil.Process) -> int:
+    """RSS of the server and its children (the writer process), bytes."""
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += child.memory_info().rss
+    return total
+
+
 def high_water_mb(pid: int) -> float | None:
-    """The kernel's peak RSS of `pid` (VmHWM), which 5-second samples can miss."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
-    return int(match.group(1)) / 1024 if match else None
+    """The kernel's peak RSS (VmHWM), which 5-second samples can miss, of `pid` plus each of
+    its children's."""
+    pids = [pid]
+    with contextlib.suppress(psutil.Error):
+        pids += [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    total = 0.0
+    for one in pids:
+        try:
+            status = Path(f"/proc/{one}/status").read_text()
+        except OSError:
+            if one == pid:
+                return None
+            continue
+        match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+        if match is None:
+            return None
+        total += int(match.group(1)) / 1024
+    return total
 
 
 def kill_quietly(process: subprocess.Popen[str]) -> None:

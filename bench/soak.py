@@ -47,7 +47,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_http import LOG_PROBLEM, Server  # noqa: E402  (the script's own folder)
+from bench_http import LOG_PROBLEM, Server, tree_rss  # noqa: E402  (the script's own folder)
 
 from exporter.simulate import synthetic_events  # noqa: E402  (needs the repo on sys.path)
 
@@ -166,7 +166,7 @@ def take_sample(
     return (
         Sample(
             t_s=round(t, 1),
-            rss_mb=round(process.memory_info().rss / 1e6, 2),
+            rss_mb=round(tree_rss(process) / 1e6, 2),
             fds=process.num_fds(),
             queue_depth=int(health["queue_depth"]),
             events_written=int(health["events_written"]),

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -18,8 +20,11 @@ from exporter.settings import Settings
 from exporter.store.db import connect, load_pricing, migrate
 from exporter.store.queries import PurgeResult, purge, recent_request_ids, restore
 from exporter.store.writer import BatchWriter, QueueFull, WriterHealth
+from exporter.store.writer_process import WriterProcess
 
 __all__ = ["Exporter", "QueueFull"]
+
+log = logging.getLogger(__name__)
 
 _DAY_MS = 86_400_000
 
@@ -86,8 +91,14 @@ class Exporter:
         """Open the database, apply migrations, restore state, start the writer task."""
         settings = settings or Settings()
         conn = await connect(settings.db_path)
+        process: WriterProcess | None = None
+        starting: asyncio.Future[None] | None = None
         try:
             await migrate(conn)
+            if settings.writer_process:
+                # Started now, ready (its interpreter loaded) by the time the state is restored.
+                process = WriterProcess(settings.db_path)
+                starting = asyncio.ensure_future(process.start())
             pricing = await load_pricing(conn)
             aggregator = Aggregator(
                 pricing,
@@ -106,9 +117,26 @@ class Exporter:
                 batch_size=settings.batch_size,
                 flush_interval=settings.flush_interval,
                 max_queue=settings.max_queue,
+                process=process,
             )
             await writer.load_spill()
+            if starting is not None:
+                try:
+                    await starting
+                except (OSError, sqlite3.Error) as exc:
+                    log.warning(
+                        "the writer process did not start (%s); calls are written from a thread"
+                        " of this process instead",
+                        exc,
+                    )
+                    writer.process = None
         except BaseException:
+            if starting is not None:
+                starting.cancel()
+                with contextlib.suppress(BaseException):
+                    await starting
+            if process is not None:
+                await process.close()
             await conn.close()
             raise
         exporter = cls(settings, aggregator, writer, seen, clock)

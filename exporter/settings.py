@@ -82,6 +82,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """...or when this many seconds have passed since the last flush."""
     max_queue: int = 100_000
     """Events that may wait for the writer; beyond it ingest waits (back-pressure)."""
+    writer_process: bool = True
+    """Batches of calls are committed to SQLite by a child process of the exporter's own (so
+    writing runs beside ingest on another core); false writes them from a thread of the
+    exporter's process."""
     recent_size: int = 1000
     """Events kept in memory for the recent/activity views."""
     dedup_memory: int = 200_000
@@ -117,9 +121,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Name of this machine in views; empty means the host name."""
     switch_interval: float = 0.0005
     """Seconds a thread of the server runs before handing over Python's interpreter lock
-    (`sys.setswitchinterval`; CPython's default is 0.005). The SQLite writer's thread needs the
-    lock to bind every statement of a batch; behind a busy event loop it waits up to this long
-    each time."""
+    (`sys.setswitchinterval`; CPython's default is 0.005). The SQLite connection's thread needs
+    the lock to bind every statement it runs (all of a batch's when `writer_process` is false);
+    behind a busy event loop it waits up to this long each time."""
 
     # -- label bounds for /metrics and OTLP (REST and SQLite keep every real name) -------------
     max_models: int = 200

@@ -40,6 +40,15 @@ def request_key(request_id: str) -> int:
     return zlib.crc32(request_id.encode()) & 0x7FFF_FFFF
 
 
+#: Every connection's settings (the server's and the writer process's).
+CONNECTION_PRAGMAS: Final = (
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = NORMAL",
+    "PRAGMA busy_timeout = 5000",
+    "PRAGMA temp_store = MEMORY",
+)
+
+
 class MigrationError(RuntimeError):
     """A migration file failed; the database is left at the previous version."""
 
@@ -53,13 +62,7 @@ async def connect(path: str | Path) -> aiosqlite.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = await aiosqlite.connect(path, isolation_level=None)
     # auto_vacuum only takes effect before the first table exists; later it is a no-op.
-    for pragma in (
-        "PRAGMA auto_vacuum = INCREMENTAL",
-        "PRAGMA journal_mode = WAL",
-        "PRAGMA synchronous = NORMAL",
-        "PRAGMA busy_timeout = 5000",
-        "PRAGMA temp_store = MEMORY",
-    ):
+    for pragma in ("PRAGMA auto_vacuum = INCREMENTAL", *CONNECTION_PRAGMAS):
         await conn.execute(pragma)
     return conn
 

@@ -28,7 +28,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 
@@ -41,12 +41,12 @@ from exporter.aggregator import (
     TOTAL_FIELDS,
     Aggregator,
     CallRow,
-    SeriesKey,
     counter_updates,
     totals_row,
 )
 from exporter.events import CacheHit, Event, event_from_dict, timestamp_ms
 from exporter.store.db import request_key
+from exporter.store.writer_process import BATCH_MARK_KEY, WriterProcess
 
 __all__ = ["CALL_COLUMNS", "BatchWriter", "QueueFull", "WriterHealth"]
 
@@ -286,8 +286,11 @@ class BatchWriter:
         batch_size: int = 100,
         flush_interval: float = 5.0,
         max_queue: int = 100_000,
+        process: WriterProcess | None = None,
     ) -> None:
         self._conn = conn
+        #: Batches of calls are committed by this process (None: by the connection's thread).
+        self.process = process
         self._aggregator = aggregator
         self._spill_path = spill_path
         self.batch_size = batch_size
@@ -384,6 +387,8 @@ class BatchWriter:
         await self.flush()
         if self._spill_events:
             await self.flush()
+        if self.process is not None:
+            await self.process.close()
         if self.depth:
             # Neither SQLite nor the spill file took them, and memory ends with the process.
             log.error(
@@ -467,6 +472,14 @@ class BatchWriter:
         async with self._lock:
             return await work(self._conn)
 
+    async def limit_pages(self, pages: int) -> None:
+        """Cap the database file at `pages` pages (`PRAGMA max_page_count`) on each connection
+        that writes, the writer process's included: a write that would grow the file fails as
+        on a full disk (the tests' way to fill one)."""
+        await self._conn.execute(f"PRAGMA max_page_count = {int(pages)}")
+        if self.process is not None:
+            await self.process.set_page_limit(pages)
+
     @property
     def connection(self) -> aiosqlite.Connection:
         return self._conn
@@ -505,15 +518,20 @@ class BatchWriter:
             # the connection's thread, which otherwise waits for the GIL at each of them.
             series = self._series_json(new_series) if new_series else None
             try:
-                retract_calls = await _on_connection_thread(
-                    conn,
-                    _commit_calls,
-                    batch.calls,
-                    aggregator.series_keys,
-                    batch.rollup,
-                    series,
-                    progress,
-                )
+                if self.process is not None:
+                    retract_calls = await self.process.commit_calls(
+                        batch.calls, batch.rollup, series, progress, conn
+                    )
+                else:
+                    retract_calls = await _on_connection_thread(
+                        conn,
+                        _commit_calls,
+                        batch.calls,
+                        aggregator.series_keys,
+                        batch.rollup,
+                        series,
+                        progress,
+                    )
             except BaseException:
                 aggregator.new_series[:0] = new_series
                 raise
@@ -801,18 +819,20 @@ async def _on_connection_thread(
 def _commit_calls(
     db: sqlite3.Connection,
     calls: list[CallRow],
-    series_keys: dict[int, SeriesKey],
+    series_keys: Mapping[int, tuple[str, ...]],
     rollup: Rollup | None,
     new_series: bytes | None,
     progress: str | None,
+    mark: str | None = None,
 ) -> list[CallRow]:
-    """One transaction on the connection's thread: new label sets, the calls (see
-    `_write_calls`, whose repeats it returns) and the spill replay's progress, if any."""
+    """One transaction (on the connection's thread, or in the writer's process): new label
+    sets, the calls (see `_write_calls`, whose repeats it returns), the spill replay's progress,
+    if any, and `mark` with the id span of the rows written (see writer_process)."""
     db.execute("BEGIN IMMEDIATE")
     try:
         if new_series is not None:
             db.execute(_INSERT_SERIES, (new_series,))
-        duplicates = _write_calls(db, calls, series_keys, rollup) if calls else []
+        duplicates = _write_calls(db, calls, series_keys, rollup, mark) if calls else []
         if progress is not None:
             db.execute(_SAVE_PROGRESS, (_SPILL_PROGRESS_KEY, progress))
         db.execute("COMMIT")
@@ -826,8 +846,9 @@ def _commit_calls(
 def _write_calls(
     db: sqlite3.Connection,
     calls: list[CallRow],
-    series_keys: dict[int, SeriesKey],
+    series_keys: Mapping[int, tuple[str, ...]],
     rollup: Rollup | None = None,
+    mark: str | None = None,
 ) -> list[CallRow]:
     """Insert a batch of calls with their rollups, series totals and sessions; returns the calls
     not written because their request id is stored already (or repeated in the batch).
@@ -854,6 +875,8 @@ def _write_calls(
             if rollup is not None:
                 rollup = _without(rollup, duplicates)
             if not calls:
+                if mark is not None:
+                    db.execute(_SAVE_PROGRESS, (BATCH_MARK_KEY, f"{mark}:1:0"))
                 return duplicates
     first: dict[str, CallRow] = {}
     for row in calls:
@@ -884,9 +907,12 @@ def _write_calls(
         start += size
     if rollup is not None:
         _write_rollup(db, rollup)
+    # Single writer: SQLite numbers new rows max(id)+1, max(id)+2, ... in insert order.
+    first_id = last - total + 1
     if first or rollup is None:
-        # Single writer: SQLite numbers new rows max(id)+1, max(id)+2, ... in insert order.
-        db.execute(_FLUSH_SPAN, (last - total + 1, last, bool(first), rollup is None))
+        db.execute(_FLUSH_SPAN, (first_id, last, bool(first), rollup is None))
+    if mark is not None:
+        db.execute(_SAVE_PROGRESS, (BATCH_MARK_KEY, f"{mark}:{first_id}:{last}"))
     return duplicates
 
 

@@ -304,7 +304,7 @@ async def test_spend_survives_a_crash_through_the_spill_file(tmp_path: Path) -> 
         row = await cursor.fetchone()
     assert row is not None
     # The disk is "full": the next flush goes to the spill file.
-    await conn.execute(f"PRAGMA max_page_count = {row[0]}")
+    await exporter.writer.limit_pages(row[0])
     for i in range(3_000):
         exporter.record(call(clock.ms - i, 0.001, project="api", request_id=f"s{i}"))
     await exporter.flush()

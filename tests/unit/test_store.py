@@ -339,25 +339,25 @@ async def test_rollups_and_series_totals_equal_a_recomputation_from_the_calls(
     async with conn.execute("PRAGMA page_count") as cursor:
         row = await cursor.fetchone()
     assert row is not None
-    await conn.execute(f"PRAGMA max_page_count = {row[0]}")
+    await exporter.writer.limit_pages(row[0])
     for _ in range(300):
         exporter.record(call())
     await exporter.flush()
     assert exporter.health().spill_backlog > 0
-    await conn.execute("PRAGMA max_page_count = 1073741823")
+    await exporter.writer.limit_pages(1_073_741_823)
     for _ in range(60):
         exporter.record(call())
     await exporter.flush()
     assert exporter.health().spill_backlog == 0
     # Neither the database nor the spill file: the batch stays queued, and is written later.
-    await conn.execute(f"PRAGMA max_page_count = {row[0]}")
+    await exporter.writer.limit_pages(row[0])
     spill_path = exporter.writer._spill_path
     exporter.writer._spill_path = tmp_path / "not-a-file"
     exporter.writer._spill_path.mkdir()
     held = sum(exporter.record(call()) for _ in range(200))
     await exporter.flush()
     assert exporter.health().queue_depth == held > 0
-    await conn.execute("PRAGMA max_page_count = 1073741823")
+    await exporter.writer.limit_pages(1_073_741_823)
     exporter.writer._spill_path = spill_path
     for _ in range(60):
         exporter.record(call())
@@ -520,7 +520,7 @@ async def test_failing_flush_spills_then_replays_exact_counts_without_duplicates
     async with conn.execute("PRAGMA page_count") as cur:
         row = await cur.fetchone()
     assert row is not None
-    await conn.execute(f"PRAGMA max_page_count = {row[0]}")
+    await exporter.writer.limit_pages(row[0])
     for i in range(500, 3_000):
         exporter.record(random_call(rng, clock, i, rid=i % 2 == 0))
     await exporter.flush()
@@ -534,7 +534,7 @@ async def test_failing_flush_spills_then_replays_exact_counts_without_duplicates
     durable = asyncio.create_task(exporter.record_durable(ApiCall(model="gpt-4o", request_id="d1")))
     await durable  # acknowledged once fsync'd in the spill file
 
-    await conn.execute("PRAGMA max_page_count = 1073741823")
+    await exporter.writer.limit_pages(1_073_741_823)
     exporter.record(ApiCall(model="gpt-4o", request_id="r-after"))
     await exporter.flush()
     health = exporter.health()
@@ -560,7 +560,7 @@ async def test_spill_left_by_a_crash_is_counted_and_replayed_on_start(tmp_path: 
     async with conn.execute("PRAGMA page_count") as cur:
         row = await cur.fetchone()
     assert row is not None
-    await conn.execute(f"PRAGMA max_page_count = {row[0]}")
+    await exporter.writer.limit_pages(row[0])
     for i in range(3_000):  # enough rows that SQLite must grow the file
         exporter.record(ApiCall(model="claude-haiku-4-5", input_tokens=100, request_id=f"s{i}"))
     exporter.record(CacheHit(model="gpt-4o", savings_usd=1.0))
@@ -703,7 +703,7 @@ async def test_when_neither_database_nor_spill_file_can_be_written_events_stay_q
     async with conn.execute("PRAGMA page_count") as cur:
         row = await cur.fetchone()
     assert row is not None
-    await conn.execute(f"PRAGMA max_page_count = {row[0]}")
+    await exporter.writer.limit_pages(row[0])
     # The spill path is a directory: appending to it fails like a full disk would.
     exporter.writer._spill_path = tmp_path / "not-a-file"
     exporter.writer._spill_path.mkdir()
@@ -713,7 +713,7 @@ async def test_when_neither_database_nor_spill_file_can_be_written_events_stay_q
     assert exporter.health().queue_depth == 3_000
     assert exporter.health().write_errors == 2
     exporter.record(ApiCall(model="gpt-4o", input_tokens=1, request_id="last"))
-    await conn.execute("PRAGMA max_page_count = 1073741823")
+    await exporter.writer.limit_pages(1_073_741_823)
     await exporter.close()
     assert db_totals(tmp_path / "metrics.db")[0] == 3_001
     with sqlite3.connect(tmp_path / "metrics.db") as c:

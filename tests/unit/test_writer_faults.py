@@ -40,11 +40,11 @@ async def refuse_writes(exporter: Exporter) -> None:
     async with conn.execute("PRAGMA page_count") as cursor:
         row = await cursor.fetchone()
     assert row is not None
-    await conn.execute(f"PRAGMA max_page_count = {row[0]}")
+    await exporter.writer.limit_pages(row[0])
 
 
 async def allow_writes(exporter: Exporter) -> None:
-    await exporter.writer.connection.execute("PRAGMA max_page_count = 1073741823")
+    await exporter.writer.limit_pages(1_073_741_823)
 
 
 @contextlib.contextmanager
