@@ -375,15 +375,11 @@ class Aggregator:
 
     def _apply(self, row: CallRow, sign: int) -> None:
         """Add (sign 1) or take back (sign -1) a call row everywhere: totals and windows."""
-        latency_us = row[8]
         total = self._totals[row[1]]
-        row_values = _window_row(row)
-        # The window-row fields are the first fields of a totals row, in the same order.
-        total[:ROW_FIELDS] = map(operator.add if sign > 0 else operator.sub, total, row_values)
-        if latency_us is not None:
-            total[HIST_OFFSET + bisect.bisect_left(_BOUNDS_US, latency_us)] += sign
+        values = totals_row(row)
+        total[:] = map(operator.add if sign > 0 else operator.sub, total, values)
         self.spend.add(row[0], self.series_keys[row[1]][3], sign * row[9])
-        self._window_add(row, row_values, sign)
+        self._window_add(row, values[:ROW_FIELDS], sign)
 
     def _window_add(self, row: CallRow, values: list[int], sign: int) -> None:
         self._advance(int(self.clock()))

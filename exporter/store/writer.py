@@ -63,7 +63,8 @@ CALL_COLUMNS: Final = (
 #: they are found by (`request_key`).
 _KEYED_COLUMNS: Final = CALL_COLUMNS + ", request_key"
 # A batch of calls is inserted by multi-row INSERT ... VALUES statements of up to 1,024 rows,
-# run on the connection's thread with the GIL released for each whole statement. executemany()
+# with the GIL released for each whole statement (when the connection's thread runs them, in the
+# server's process; the writer process has a GIL of its own). executemany()
 # steps row by row and takes the GIL back after every row: with the event loop busy on the
 # other core, every take waits out a switch interval, and the writer managed a few thousand rows
 # a second. A JSON array unpacked by json_each would need one release per batch, but SQLite's
@@ -856,8 +857,9 @@ def _write_calls(
     `rollup` holds the calls' sums per (minute, series) (see `Aggregator.take_rollup`); without
     it (or when it does not count these calls), SQLite sums the inserted rows.
 
-    Runs on the connection's own thread, inside the flush's transaction: one hop from the event
-    loop for the whole batch instead of one per statement.
+    Runs inside the flush's transaction, in the writer process or on the connection's own
+    thread: one request (or hop) from the event loop for the whole batch, not one per statement.
+    `mark` (the process's batch token) is stored in `config` with the span of ids written.
     """
     duplicates: list[CallRow] = []
     if rollup is not None and sum(v[0] for v in rollup.values()) != len(calls):
