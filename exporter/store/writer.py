@@ -473,10 +473,14 @@ class BatchWriter:
         async with self._lock:
             return await work(self._conn)
 
-    async def limit_pages(self, pages: int) -> None:
-        """Cap the database file at `pages` pages (`PRAGMA max_page_count`) on each connection
-        that writes, the writer process's included: a write that would grow the file fails as
-        on a full disk (the tests' way to fill one)."""
+    async def limit_pages(self, pages: int | None = None) -> None:
+        """Cap the database file at `pages` pages (None: its size now) with `PRAGMA
+        max_page_count` on each connection that writes, the writer process's included: a write
+        that would grow the file fails as on a full disk (the tests' way to fill one)."""
+        if pages is None:
+            async with self._conn.execute("PRAGMA page_count") as cursor:
+                row = await cursor.fetchone()
+            pages = int(row[0]) if row is not None else 0
         await self._conn.execute(f"PRAGMA max_page_count = {int(pages)}")
         if self.process is not None:
             await self.process.set_page_limit(pages)

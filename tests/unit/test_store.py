@@ -335,11 +335,7 @@ async def test_rollups_and_series_totals_equal_a_recomputation_from_the_calls(
     assert exporter.aggregator.duplicates > 0  # the store found repeated ids
 
     # A full disk: the next batch is spilled (its rows only), and replayed once writes work.
-    conn = exporter.writer.connection
-    async with conn.execute("PRAGMA page_count") as cursor:
-        row = await cursor.fetchone()
-    assert row is not None
-    await exporter.writer.limit_pages(row[0])
+    await exporter.writer.limit_pages()
     for _ in range(300):
         exporter.record(call())
     await exporter.flush()
@@ -350,7 +346,7 @@ async def test_rollups_and_series_totals_equal_a_recomputation_from_the_calls(
     await exporter.flush()
     assert exporter.health().spill_backlog == 0
     # Neither the database nor the spill file: the batch stays queued, and is written later.
-    await exporter.writer.limit_pages(row[0])
+    await exporter.writer.limit_pages()
     spill_path = exporter.writer._spill_path
     exporter.writer._spill_path = tmp_path / "not-a-file"
     exporter.writer._spill_path.mkdir()
@@ -510,17 +506,13 @@ async def test_failing_flush_spills_then_replays_exact_counts_without_duplicates
     clock = FakeClock()
     rng = random.Random(11)
     exporter = await Exporter.start(settings_for(tmp_path), clock=clock)
-    conn = exporter.writer.connection
     for i in range(500):
         exporter.record(random_call(rng, clock, i, rid=i % 2 == 0))
     await exporter.flush()
     assert exporter.health().spill_backlog == 0
 
     # The disk is "full": SQLite may not grow the file by a single page.
-    async with conn.execute("PRAGMA page_count") as cur:
-        row = await cur.fetchone()
-    assert row is not None
-    await exporter.writer.limit_pages(row[0])
+    await exporter.writer.limit_pages()
     for i in range(500, 3_000):
         exporter.record(random_call(rng, clock, i, rid=i % 2 == 0))
     await exporter.flush()
@@ -557,10 +549,7 @@ async def test_spill_left_by_a_crash_is_counted_and_replayed_on_start(tmp_path: 
     exporter.record(ApiCall(model="gpt-4o", input_tokens=1, request_id="stored"))
     await exporter.flush()
     conn = exporter.writer.connection
-    async with conn.execute("PRAGMA page_count") as cur:
-        row = await cur.fetchone()
-    assert row is not None
-    await exporter.writer.limit_pages(row[0])
+    await exporter.writer.limit_pages()
     for i in range(3_000):  # enough rows that SQLite must grow the file
         exporter.record(ApiCall(model="claude-haiku-4-5", input_tokens=100, request_id=f"s{i}"))
     exporter.record(CacheHit(model="gpt-4o", savings_usd=1.0))
@@ -699,11 +688,7 @@ async def test_when_neither_database_nor_spill_file_can_be_written_events_stay_q
 ) -> None:
     clock = FakeClock()
     exporter = await Exporter.start(settings_for(tmp_path), clock=clock)
-    conn = exporter.writer.connection
-    async with conn.execute("PRAGMA page_count") as cur:
-        row = await cur.fetchone()
-    assert row is not None
-    await exporter.writer.limit_pages(row[0])
+    await exporter.writer.limit_pages()
     # The spill path is a directory: appending to it fails like a full disk would.
     exporter.writer._spill_path = tmp_path / "not-a-file"
     exporter.writer._spill_path.mkdir()

@@ -36,11 +36,7 @@ async def start(tmp_path: Path, **overrides: object) -> Exporter:
 
 async def refuse_writes(exporter: Exporter) -> None:
     """SQLite may not grow the file by a single page: every flush with new rows fails."""
-    conn = exporter.writer.connection
-    async with conn.execute("PRAGMA page_count") as cursor:
-        row = await cursor.fetchone()
-    assert row is not None
-    await exporter.writer.limit_pages(row[0])
+    await exporter.writer.limit_pages()
 
 
 async def allow_writes(exporter: Exporter) -> None:
