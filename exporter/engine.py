@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -123,7 +122,7 @@ class Exporter:
             if starting is not None:
                 try:
                     await starting
-                except (OSError, sqlite3.Error) as exc:
+                except Exception as exc:  # no interpreter, a database it cannot open, ...
                     log.warning(
                         "the writer process did not start (%s); calls are written from a thread"
                         " of this process instead",

@@ -151,7 +151,10 @@ def main() -> int:  # pragma: no cover - runs in the child process
     if len(sys.argv) != 2:
         print("usage: writer_process DB_PATH (started by the exporter)", file=sys.stderr)
         return 2
-    return serve(sys.argv[1], sys.stdin.buffer, sys.stdout.buffer)
+    try:
+        return serve(sys.argv[1], sys.stdin.buffer, sys.stdout.buffer)
+    except BrokenPipeError:  # the server ended (or gave up on this process) first
+        return 1
 
 
 # -- the server's side ----------------------------------------------------------------------------
