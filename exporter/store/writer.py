@@ -95,16 +95,17 @@ _SUMS: Final = (
 _SUM_NAMES: Final = [name for name, _ in _SUMS]
 _SUM_FIELDS: Final = ", ".join(_SUM_NAMES)
 _SUM_EXPRS: Final = ", ".join(expr for _, expr in _SUMS)
-# After a batch's rows are inserted, one statement does the rest: recording the batch's id span
-# in flush_span fires the temp triggers below. Behind a busy event loop the writer's thread waits
-# for the GIL after every statement, and after every row a query returns, so the work after the
-# inserts is one statement and each lookup returns one row (a JSON array).
+# After a batch's rows are inserted, one statement does the rest that SQLite sums: recording the
+# batch's id span in flush_span fires the temp triggers below (sessions always; rollups, series
+# totals and histogram only for a batch without the aggregator's sums, a replayed spill). Behind a
+# busy event loop the connection's thread waits for the GIL after every statement, and after
+# every row a query returns, so each lookup returns one row (a JSON array).
 #
-# Rollups and series totals come from one grouping of the batch's rows by (minute, series) into a
-# temp table (a batch under load spans a minute or two: far fewer groups than rows), then from
-# that small table; the latency histogram from one more pass that finds each row's bucket with a
-# CASE, grouped by (series, bucket). Summing each bucket's condition over every row, in the same
-# pass as the other sums, cost 2.7 µs a row against 2.0 for this.
+# The triggers' rollups and series totals come from one grouping of the batch's rows by (minute,
+# series) into a temp table (a batch spans a minute or two: far fewer groups than rows), then
+# from that small table; the latency histogram from one more pass that finds each row's bucket
+# with a CASE, grouped by (series, bucket). Summing each bucket's condition over every row, in
+# the same pass as the other sums, cost 2.7 µs a row against 2.0 for this.
 _GROUP_CALLS: Final = f"""
 INSERT INTO batch_rollup (minute, series_id, {_SUM_FIELDS})
 SELECT (timestamp / 60000) * 60000, series_id, {_SUM_EXPRS}
@@ -519,8 +520,9 @@ class BatchWriter:
             self._prepared = True
         new_series, aggregator.new_series = aggregator.new_series, []
         if not batch.others:
-            # Calls only (nearly every batch under load): the whole transaction in one hop to
-            # the connection's thread, which otherwise waits for the GIL at each of them.
+            # Calls only (nearly every batch under load): the whole transaction in one request
+            # to the writer process, or in one hop to the connection's thread, which otherwise
+            # waits for the GIL at each statement.
             series = self._series_json(new_series) if new_series else None
             try:
                 if self.process is not None:

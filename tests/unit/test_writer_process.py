@@ -48,7 +48,7 @@ def stored(path: Path) -> tuple[int, int, int, int, int]:
     return int(calls), int(cost), int(ids), int(rollup), int(series)
 
 
-async def test_the_process_writes_the_calls_and_the_thread_is_not_used(tmp_path: Path) -> None:
+async def test_the_process_commits_the_calls(tmp_path: Path) -> None:
     exporter = await start(tmp_path)
     process = exporter.writer.process
     assert process is not None
@@ -63,6 +63,10 @@ async def test_the_process_writes_the_calls_and_the_thread_is_not_used(tmp_path:
     await exporter.close()
     assert process.pid is None  # it ended with its input
     assert stored(tmp_path / "metrics.db") == (200, totals[COST], 100, 200, 200)
+    with sqlite3.connect(tmp_path / "metrics.db") as c:
+        (mark,) = c.execute("SELECT value FROM config WHERE key = 'writer_batch'").fetchone()
+    # Only the process's transactions carry a batch token: this one names all 200 rows.
+    assert str(mark).endswith(":1:200")
 
 
 async def test_a_killed_writer_process_is_started_again_and_nothing_is_lost(
